@@ -1,0 +1,19 @@
+# The two commands a user types: `make run` and `make test`. Both create the
+# virtual environment in .venv/ first when it is missing or out of date.
+
+VENV := .venv
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test
+
+$(STAMP): setup.cfg pyproject.toml scripts/bootstrap
+	scripts/bootstrap
+
+## run: start the whole manager under supervisord, in the foreground
+run: $(STAMP)
+	exec $(VENV)/bin/python -m services.launch
+
+## test: run the whole test suite against private PostgreSQL and Redis servers
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,5 @@
+import sys
+
+from services.grpc_gateway.main import main
+
+sys.exit(main())

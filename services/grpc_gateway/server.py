@@ -1,0 +1,139 @@
+"""The gateway's grpc.aio server: TLS, health, reflection and a bounded lifecycle.
+
+``Gateway.serve()`` runs ``startup()``, ``main_loop()`` and ``shutdown()``.
+Signal handlers only set flags: the first SIGTERM or SIGINT starts a graceful
+drain (health NOT_SERVING, then ``server.stop(grace)``), a second one cancels
+the RPCs still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.core.errors import AddressInUseError
+from services.core.settings import Settings
+from services.core.tls import TLSMaterial
+
+logger = logging.getLogger("agentmgr.grpc_gateway")
+
+ServiceRegistrar = Callable[[grpc.aio.Server], list[str]]
+"""Adds servicers to a server and returns their full service names (for health and reflection)."""
+
+
+class Gateway:
+    """One gateway process: a grpc.aio server with the health and reflection services."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        tls: TLSMaterial,
+        registrars: tuple[ServiceRegistrar, ...] = (),
+    ) -> None:
+        self.settings = settings
+        self.tls = tls
+        self.registrars = registrars
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.service_names: list[str] = []
+        self.port: int | None = None
+        self.should_exit = asyncio.Event()
+        self.force_exit = asyncio.Event()
+
+    async def serve(self) -> None:
+        """Start, serve until a stop signal, then shut down."""
+        self.install_signal_handlers()
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.handle_exit, signum)
+
+    def handle_exit(self, signum: int) -> None:
+        """Record a stop request; a second request forces the stop."""
+        if self.should_exit.is_set():
+            self.force_exit.set()
+        self.should_exit.set()
+        logger.info("received: %s", signal.Signals(signum).name, extra={"signal": signal.Signals(signum).name})
+
+    async def startup(self) -> None:
+        """Build the server, bind the listen address and start serving.
+
+        Raises:
+            AddressInUseError: the address is invalid or taken.
+        """
+        options = [
+            ("grpc.so_reuseport", 1 if self.settings.grpc_reuse_port else 0),
+            ("grpc.max_receive_message_length", self.settings.grpc_max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.grpc_max_message_bytes),
+        ]
+        self.server = grpc.aio.server(options=options)
+
+        # Services: the project's own, then health and reflection for all of them.
+        for registrar in self.registrars:
+            self.service_names.extend(registrar(self.server))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+
+        # TLS listener.
+        credentials = grpc.ssl_server_credentials([(self.tls.private_key, self.tls.certificate_chain)])
+        address = self.settings.grpc_address
+        try:
+            self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError as error:
+            raise AddressInUseError(
+                f"cannot listen on {address}: the address is invalid or already in use "
+                "(another gateway? set AGENTMGR_GRPC_ADDRESS, or AGENTMGR_GRPC_REUSE_PORT=true "
+                "to share the port on purpose)"
+            ) from error
+
+        # Serve, then report healthy; the "listening" line is the last start-up line.
+        await self.server.start()
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "listening: %s (TLS)",
+            address,
+            extra={"address": address, "port": self.port, "ca_fingerprint": self.tls.ca_fingerprint},
+        )
+
+    async def main_loop(self) -> None:
+        await self.should_exit.wait()
+
+    async def shutdown(self) -> None:
+        """Drain and stop; safe to call twice or before ``startup`` finished."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+
+        # Tell load balancers and health checkers to stop sending new calls.
+        await self.health.enter_graceful_shutdown()
+
+        # Give in-flight calls the grace period; a second signal cuts it short.
+        grace = self.settings.grpc_shutdown_grace_seconds
+        logger.info("stopping: gateway (grace %.1fs)", grace, extra={"grace_seconds": grace})
+        stopping = asyncio.ensure_future(server.stop(grace))
+        forced = asyncio.ensure_future(self.force_exit.wait())
+        await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not stopping.done():
+            logger.warning("stopping: gateway now (second signal; cancelling in-flight calls)")
+            await server.stop(0)
+        await stopping
+        logger.info("stopped: gateway")

@@ -1,0 +1,5 @@
+import sys
+
+from services.migrate.main import main
+
+sys.exit(main())

@@ -1,0 +1,3 @@
+DROP TABLE rollout_agents;
+DROP TABLE rollouts;
+DROP TABLE releases;

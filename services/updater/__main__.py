@@ -1,0 +1,5 @@
+import sys
+
+from services.updater.main import main
+
+sys.exit(main())
