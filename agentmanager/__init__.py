@@ -1,0 +1,1 @@
+"""Generated gRPC code of the Agent Manager protocol (scripts/gen-protos)."""
