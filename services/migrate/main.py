@@ -22,7 +22,7 @@ import yoyo
 from yoyo.exceptions import LockTimeout
 
 from services.core.db import wait_for_database
-from services.core.errors import MigrationError, MigrationLockTimeout
+from services.core.errors import DatabaseError, MigrationError, MigrationLockTimeout
 from services.core.logs import bind_context
 from services.core.program import run_program
 from services.core.schema import MIGRATIONS_DIR, bundled_migration_ids
@@ -65,7 +65,16 @@ def acquire_migration_lock(connection: psycopg2.extensions.connection, timeout_s
 
 
 def clear_stale_yoyo_lock(backend: yoyo.backends.DatabaseBackend) -> None:
-    """Delete yoyo lock rows left by a killed migrator; call only under the advisory lock."""
+    """Delete yoyo lock rows left by a killed migrator; call only under the advisory lock.
+
+    Raises:
+        psycopg2.Error: yoyo's lock table is missing and cannot be created.
+    """
+    if not backend.execute("SELECT to_regclass('yoyo_lock') IS NOT NULL").fetchone()[0]:
+        # yoyo ignores any error when it creates this table; running the
+        # statement again surfaces the cause (usually a missing permission).
+        with backend.transaction():
+            backend.execute(backend.format_sql(backend.create_lock_table_sql))
     rows = backend.execute("SELECT pid, ctime FROM yoyo_lock").fetchall()
     backend.rollback()
     if not rows:
@@ -148,6 +157,9 @@ def migrate(settings: Settings, folder: Path = MIGRATIONS_DIR) -> list[str]:
             return apply_pending(backend, folder, settings.migrate_lock_timeout_seconds)
         finally:
             backend.connection.close()
+    except psycopg2.errors.InsufficientPrivilege as error:
+        # yoyo's own tables (yoyo_lock, _yoyo_migration) could not be created or read.
+        raise DatabaseError(DatabaseError.PERMISSION_DENIED, _first_line(error)) from error
     finally:
         # Closing the session releases the advisory lock.
         lock_connection.close()
