@@ -64,6 +64,55 @@ DEFAULT_EMBEDDED_USER = ""
 """AGENTMGR_EMBEDDED_USER: unprivileged account that runs the private PostgreSQL and Redis
 when the manager runs as root. Empty means `postgres` where that account exists, else `nobody`."""
 
+DEFAULT_OFFLINE_AFTER_SECONDS = 90.0
+"""AGENTMGR_OFFLINE_AFTER_SECONDS: an agent not seen for longer than this, in seconds,
+is shown offline."""
+
+DEFAULT_COMMAND_OUTPUT_MAX_BYTES = 1024 * 1024
+"""AGENTMGR_COMMAND_OUTPUT_MAX_BYTES: maximum bytes of a command's stdout, and separately of its
+stderr, that are stored; longer output is cut and flagged as truncated."""
+
+DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 15.0
+"""AGENTMGR_HEARTBEAT_INTERVAL_SECONDS: time between two heartbeats of an agent, in seconds.
+The gateway announces it at the start of each session; keep it well under the offline threshold."""
+
+DEFAULT_LIVENESS_FLUSH_SECONDS = 5.0
+"""AGENTMGR_LIVENESS_FLUSH_SECONDS: interval, in seconds, at which each gateway writes the
+last-seen times collected in Redis to PostgreSQL in one batch."""
+
+DEFAULT_GRPC_KEEPALIVE_TIME_SECONDS = 20.0
+"""AGENTMGR_GRPC_KEEPALIVE_TIME_SECONDS: idle time, in seconds, after which the gateway pings
+a connection to check that the peer is still there."""
+
+DEFAULT_GRPC_KEEPALIVE_TIMEOUT_SECONDS = 10.0
+"""AGENTMGR_GRPC_KEEPALIVE_TIMEOUT_SECONDS: time, in seconds, the gateway waits for a ping
+acknowledgement before it closes the connection."""
+
+DEFAULT_AGENT_AUTH_CACHE_SECONDS = 10.0
+"""AGENTMGR_AGENT_AUTH_CACHE_SECONDS: time, in seconds, a gateway process reuses a verified
+agent key without asking PostgreSQL again; 0 disables the cache. Revocations clear it at once."""
+
+DEFAULT_AGENT_AUTH_CACHE_SIZE = 10000
+"""AGENTMGR_AGENT_AUTH_CACHE_SIZE: maximum number of verified agent keys cached per gateway process."""
+
+DEFAULT_REGISTER_FAILURE_LIMIT = 10
+"""AGENTMGR_REGISTER_FAILURE_LIMIT: failed Register calls from one peer address within the
+window after which further calls get RESOURCE_EXHAUSTED until the window ends."""
+
+DEFAULT_REGISTER_FAILURE_WINDOW_SECONDS = 60.0
+"""AGENTMGR_REGISTER_FAILURE_WINDOW_SECONDS: length of the Register failure window, in seconds."""
+
+DEFAULT_COMMAND_WAIT_MAX_SECONDS = 60.0
+"""AGENTMGR_COMMAND_WAIT_MAX_SECONDS: maximum time, in seconds, a RunCommand call waits for the
+result before it returns the command as it is."""
+
+DEFAULT_COMMAND_EXPIRES_SECONDS = 24 * 3600
+"""AGENTMGR_COMMAND_EXPIRES_SECONDS: time, in seconds, after which an undelivered command
+expires when the request does not set one."""
+
+DEFAULT_GATEWAY_DB_CONNECTIONS = 10
+"""AGENTMGR_GATEWAY_DB_CONNECTIONS: maximum PostgreSQL connections per gateway process."""
+
 UPDATES_QUEUE = "updates"
 """Name of the RQ queue that holds update jobs; `rq info` shows it under this name."""
 

@@ -5,6 +5,7 @@ into an exit code (``exit_code_for``), so callers and tests can catch them.
 """
 
 import enum
+from collections.abc import Iterable
 
 
 class ExitCode(enum.IntEnum):
@@ -121,6 +122,72 @@ class AddressInUseError(AgentManagerError):
     """The gateway cannot bind its listen address."""
 
     exit_code = ExitCode.ADDRESS_IN_USE
+
+
+class RequestError(AgentManagerError):
+    """A request that the manager rejects because of its content or the target's state.
+
+    ``grpc_code_name`` is the name of the ``grpc.StatusCode`` member that the
+    gateway returns, so the mapping to gRPC is data kept on each class.
+    """
+
+    grpc_code_name = "UNKNOWN"
+
+
+class InvalidArgument(RequestError):
+    """A request field contains a value of the wrong form, and ``field`` names it."""
+
+    grpc_code_name = "INVALID_ARGUMENT"
+    exit_code = ExitCode.CONFIG
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class NotFound(RequestError):
+    """No ``kind`` (agent, command, enrollment token, ...) with id ``id`` exists."""
+
+    grpc_code_name = "NOT_FOUND"
+
+    def __init__(self, kind: str, id: object) -> None:  # noqa: A002 - the contract names it id
+        self.kind = kind
+        self.id = id
+        super().__init__(f"{kind} {id} not found")
+
+
+class AlreadyExists(RequestError):
+    """The request would create a second copy of something that must be unique."""
+
+    grpc_code_name = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(RequestError):
+    """The request is valid, but the current state of its target does not allow it."""
+
+    grpc_code_name = "FAILED_PRECONDITION"
+
+
+class InvalidState(FailedPrecondition):
+    """An entity is in a state that does not allow the requested transition."""
+
+    def __init__(self, entity: str, state: str, allowed: Iterable[str]) -> None:
+        self.entity = entity
+        self.state = state
+        self.allowed = tuple(allowed)
+        super().__init__(f"{entity} is in state {state}; allowed states: {', '.join(self.allowed)}")
+
+
+class Unauthenticated(RequestError):
+    """The caller's credentials are missing, unknown, expired or revoked."""
+
+    grpc_code_name = "UNAUTHENTICATED"
+
+
+class PermissionDenied(RequestError):
+    """The caller is authenticated but its role does not allow the request."""
+
+    grpc_code_name = "PERMISSION_DENIED"
 
 
 def exit_code_for(error: BaseException) -> int:

@@ -48,6 +48,10 @@ class Settings:
     migrate_lock_timeout_seconds: float
     updater_job_timeout_seconds: float
     embedded_user: str
+    offline_after_seconds: float
+    """Seconds without a sign of life after which an agent is shown offline."""
+    command_output_max_bytes: int
+    """Maximum bytes of a command's stdout, and separately of its stderr, that are stored."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -101,6 +105,14 @@ class Settings:
                 "AGENTMGR_UPDATER_JOB_TIMEOUT_SECONDS", defaults.DEFAULT_UPDATER_JOB_TIMEOUT_SECONDS, minimum=1
             ),
             embedded_user=env.user("AGENTMGR_EMBEDDED_USER"),
+            offline_after_seconds=env.number(
+                "AGENTMGR_OFFLINE_AFTER_SECONDS", defaults.DEFAULT_OFFLINE_AFTER_SECONDS, minimum=1
+            ),
+            command_output_max_bytes=int(
+                env.number(
+                    "AGENTMGR_COMMAND_OUTPUT_MAX_BYTES", defaults.DEFAULT_COMMAND_OUTPUT_MAX_BYTES, minimum=1
+                )
+            ),
         )
 
     # Paths under the state folder.
