@@ -73,14 +73,22 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., update_status: _Optional[_Union[UpdateStatus, _Mapping]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("settings", "command_request", "update_notice")
+    __slots__ = ("settings", "command_request", "update_notice", "result_stored")
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     COMMAND_REQUEST_FIELD_NUMBER: _ClassVar[int]
     UPDATE_NOTICE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_STORED_FIELD_NUMBER: _ClassVar[int]
     settings: _common_pb2.SessionSettings
     command_request: CommandRequest
     update_notice: UpdateNotice
-    def __init__(self, settings: _Optional[_Union[_common_pb2.SessionSettings, _Mapping]] = ..., command_request: _Optional[_Union[CommandRequest, _Mapping]] = ..., update_notice: _Optional[_Union[UpdateNotice, _Mapping]] = ...) -> None: ...
+    result_stored: ResultStored
+    def __init__(self, settings: _Optional[_Union[_common_pb2.SessionSettings, _Mapping]] = ..., command_request: _Optional[_Union[CommandRequest, _Mapping]] = ..., update_notice: _Optional[_Union[UpdateNotice, _Mapping]] = ..., result_stored: _Optional[_Union[ResultStored, _Mapping]] = ...) -> None: ...
+
+class ResultStored(_message.Message):
+    __slots__ = ("command_id",)
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    def __init__(self, command_id: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("agent_version", "facts")
