@@ -1,0 +1,287 @@
+"""`agentmgr`: the operator CLI.
+
+On the manager's VM it works from the ``AGENTMGR_`` settings alone and calls
+the same domain functions (``services.core.fleet``) that the panel API serves.
+
+Exit statuses: 0 success, 1 unexpected error, 2 invalid argument or setting,
+3 database unusable, 9 Redis unusable, 10 not found, 11 conflict with the
+current state (already exists, revoked, expired), 12 unauthenticated,
+13 permission denied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import getpass
+import logging
+import re
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2.extensions
+
+from services.cli.output import FORMATS, TABLE, print_record, print_records
+from services.core.database import Database
+from services.core.errors import AgentManagerError, ExitCode, RequestError, SettingsError, exit_code_for
+from services.core.fleet import apitokens, enrollment
+from services.core.fleet.listing import PageRequest
+from services.core.fleet.models import ApiRole, utc_now
+from services.core.logs import configure_logging
+from services.core.settings import Settings
+from services.core.tls import load_tls_material
+
+logger = logging.getLogger("agentmgr.cli")
+
+EXIT_CODES_BY_GRPC_CODE = {
+    "INVALID_ARGUMENT": int(ExitCode.CONFIG),
+    "NOT_FOUND": 10,
+    "ALREADY_EXISTS": 11,
+    "FAILED_PRECONDITION": 11,
+    "UNAUTHENTICATED": 12,
+    "PERMISSION_DENIED": 13,
+    "RESOURCE_EXHAUSTED": 11,
+    "UNAVAILABLE": int(ExitCode.DATABASE),
+}
+
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Context:
+    """What a subcommand needs: settings, output format, the caller's name, the database."""
+
+    def __init__(self, settings: Settings, output: str) -> None:
+        self.settings = settings
+        self.output = output
+        self.actor = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+        self._database: Database | None = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg2.extensions.connection]:
+        if self._database is None:
+            self._database = Database(self.settings.database_url, max_connections=1, application_name="agentmgr-cli")
+        with self._database.transaction() as connection:
+            yield connection
+
+    def close(self) -> None:
+        if self._database is not None:
+            self._database.close()
+
+
+# Argument types.
+
+
+def duration_seconds(text: str) -> int:
+    """Parse ``90``, ``90s``, ``30m``, ``12h`` or ``7d`` into seconds."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected a positive number with s, m, h or d")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def label(text: str) -> tuple[str, str]:
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"invalid label {text!r}: expected key=value")
+    return key, value
+
+
+def identifier(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid id {text!r}: expected a UUID") from None
+
+
+def page_request(arguments: argparse.Namespace) -> PageRequest:
+    return PageRequest(page_size=arguments.limit, page_token=arguments.page_token)
+
+
+# Enrollment tokens.
+
+
+def manager_address(settings: Settings, override: str | None) -> str:
+    """Return the HOST:PORT that agents should dial: ``override``, or the listen address."""
+    if override:
+        return override
+    host = settings.grpc_host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"
+
+
+def token_create(context: Context, arguments: argparse.Namespace) -> int:
+    expires_at = utc_now() + datetime.timedelta(seconds=arguments.expires_in) if arguments.expires_in else None
+    with context.transaction() as connection:
+        token, secret = enrollment.create_token(
+            connection,
+            created_by=context.actor,
+            description=arguments.description,
+            group=arguments.group,
+            labels=dict(arguments.label),
+            max_uses=arguments.max_uses,
+            expires_at=expires_at,
+        )
+    fingerprint = load_tls_material(context.settings).ca_fingerprint
+    install = (
+        f"agentmgr-agent install --manager {manager_address(context.settings, arguments.manager)} "
+        f"--token {secret} --ca-fingerprint {fingerprint}"
+    )
+    record = {
+        **vars_of(token),
+        "secret": secret,
+        "ca_fingerprint": fingerprint,
+        "install_command": install,
+    }
+    print_record(record, context.output)
+    if context.output == TABLE:
+        print("\nThe token is shown only this once. On the host to enroll, run:\n")
+        print(f"  {install}")
+    return 0
+
+
+TOKEN_COLUMNS = ("id", "prefix", "state", "group", "use_count", "max_uses", "expires_at", "last_used_at", "description")
+
+
+def vars_of(item: Any) -> dict[str, Any]:
+    """Return a domain object's fields, plus its derived ``state`` where it has one."""
+    record = {field.name: getattr(item, field.name) for field in dataclasses.fields(item)}
+    if hasattr(type(item), "state") and "state" not in record:
+        record["state"] = item.state
+    return record
+
+
+def token_list(context: Context, arguments: argparse.Namespace) -> int:
+    with context.transaction() as connection:
+        page = enrollment.list_tokens(connection, include_revoked=arguments.all, page=page_request(arguments))
+    print_records([vars_of(token) for token in page.items], TOKEN_COLUMNS, context.output,
+                  extra={"next_page_token": page.next_page_token})
+    return 0
+
+
+def token_revoke(context: Context, arguments: argparse.Namespace) -> int:
+    with context.transaction() as connection:
+        token = enrollment.revoke_token(connection, arguments.token_id, actor=context.actor)
+    print_record(vars_of(token), context.output)
+    return 0
+
+
+# Operator API tokens.
+
+API_TOKEN_COLUMNS = ("id", "name", "role", "prefix", "created_by", "expires_at", "last_used_at", "revoked_at")
+
+
+def apikey_create(context: Context, arguments: argparse.Namespace) -> int:
+    expires_at = utc_now() + datetime.timedelta(seconds=arguments.expires_in) if arguments.expires_in else None
+    with context.transaction() as connection:
+        token, secret = apitokens.create_api_token(
+            connection, name=arguments.name, role=ApiRole(arguments.role), created_by=context.actor, expires_at=expires_at
+        )
+    print_record({**vars_of(token), "secret": secret}, context.output)
+    if context.output == TABLE:
+        print("\nThe token is shown only this once. Panel API calls send it as `authorization: Bearer TOKEN`.")
+    return 0
+
+
+def apikey_list(context: Context, arguments: argparse.Namespace) -> int:
+    with context.transaction() as connection:
+        page = apitokens.list_api_tokens(connection, include_revoked=arguments.all, page=page_request(arguments))
+    print_records([vars_of(token) for token in page.items], API_TOKEN_COLUMNS, context.output,
+                  extra={"next_page_token": page.next_page_token})
+    return 0
+
+
+def apikey_revoke(context: Context, arguments: argparse.Namespace) -> int:
+    with context.transaction() as connection:
+        token = apitokens.revoke_api_token(connection, arguments.token_id, actor=context.actor)
+    print_record(vars_of(token), context.output)
+    return 0
+
+
+# The argument tree.
+
+
+def add_listing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=50, help="rows per page, 1 to 500 (default 50)")
+    parser.add_argument("--page-token", default="", help="next_page_token of the previous page")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentmgr",
+        description="Operate the Agent Manager: enrollment tokens, API tokens, agents and commands.",
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output", "-o", choices=FORMATS, default=TABLE, help="table for people (default) or json for scripts")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    token = groups.add_parser("token", help="enrollment tokens that admit new agents").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create", help="create a token and print the agent install command")
+    create.add_argument("--description", default="", help="free text shown in listings")
+    create.add_argument("--group", default="", help="group given to agents enrolled with this token")
+    create.add_argument("--label", type=label, action="append", default=[], help="key=value given to agents (repeatable)")
+    create.add_argument("--max-uses", type=int, help="number of enrollments allowed (default: unlimited)")
+    create.add_argument("--expires-in", type=duration_seconds, help="lifetime such as 30m, 12h or 7d (default: none)")
+    create.add_argument("--manager", help="HOST:PORT agents dial, for the install command (default: this host and the gateway port)")
+    create.set_defaults(handler=token_create)
+    listing = token.add_parser("list", help="list tokens (secrets are never shown again)")
+    listing.add_argument("--all", action="store_true", help="include revoked tokens")
+    add_listing_options(listing)
+    listing.set_defaults(handler=token_list)
+    revoke = token.add_parser("revoke", help="revoke a token so no more agents enroll with it")
+    revoke.add_argument("token_id", type=identifier)
+    revoke.set_defaults(handler=token_revoke)
+
+    apikey = groups.add_parser("apikey", help="operator API tokens for the panel gRPC API").add_subparsers(dest="action", required=True)
+    create = apikey.add_parser("create", help="create an API token")
+    create.add_argument("name", help="who or what uses the token")
+    create.add_argument("--role", choices=[role.value for role in ApiRole], default=ApiRole.VIEWER.value,
+                        help="viewer (read-only), operator (commands and tokens) or admin (default viewer)")
+    create.add_argument("--expires-in", type=duration_seconds, help="lifetime such as 30d (default: none)")
+    create.set_defaults(handler=apikey_create)
+    listing = apikey.add_parser("list", help="list API tokens")
+    listing.add_argument("--all", action="store_true", help="include revoked tokens")
+    add_listing_options(listing)
+    listing.set_defaults(handler=apikey_list)
+    revoke = apikey.add_parser("revoke", help="revoke an API token")
+    revoke.add_argument("token_id", type=identifier)
+    revoke.set_defaults(handler=apikey_revoke)
+
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run the subcommand and return the exit status."""
+    arguments = build_parser().parse_args(argv)
+    configure_logging("agentmgr", "WARNING")
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"agentmgr: {error}", file=sys.stderr)
+        return int(ExitCode.CONFIG)
+    context = Context(settings, arguments.output)
+    try:
+        return arguments.handler(context, arguments)
+    except RequestError as error:
+        print(f"agentmgr: {error}", file=sys.stderr)
+        return EXIT_CODES_BY_GRPC_CODE.get(error.grpc_code_name, int(ExitCode.FAILURE))
+    except AgentManagerError as error:
+        print(f"agentmgr: {error}", file=sys.stderr)
+        return exit_code_for(error)
+    finally:
+        context.close()
+
+
+def main() -> int:
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
