@@ -52,6 +52,17 @@ class Settings:
     """Seconds without a sign of life after which an agent is shown offline."""
     command_output_max_bytes: int
     """Maximum bytes of a command's stdout, and separately of its stderr, that are stored."""
+    heartbeat_interval_seconds: float
+    liveness_flush_seconds: float
+    grpc_keepalive_time_seconds: float
+    grpc_keepalive_timeout_seconds: float
+    agent_auth_cache_seconds: float
+    agent_auth_cache_size: int
+    register_failure_limit: int
+    register_failure_window_seconds: float
+    command_wait_max_seconds: float
+    command_expires_seconds: float
+    gateway_db_connections: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -112,6 +123,39 @@ class Settings:
                 env.number(
                     "AGENTMGR_COMMAND_OUTPUT_MAX_BYTES", defaults.DEFAULT_COMMAND_OUTPUT_MAX_BYTES, minimum=1
                 )
+            ),
+            heartbeat_interval_seconds=env.number(
+                "AGENTMGR_HEARTBEAT_INTERVAL_SECONDS", defaults.DEFAULT_HEARTBEAT_INTERVAL_SECONDS, minimum=0.1
+            ),
+            liveness_flush_seconds=env.number(
+                "AGENTMGR_LIVENESS_FLUSH_SECONDS", defaults.DEFAULT_LIVENESS_FLUSH_SECONDS, minimum=0.1
+            ),
+            grpc_keepalive_time_seconds=env.number(
+                "AGENTMGR_GRPC_KEEPALIVE_TIME_SECONDS", defaults.DEFAULT_GRPC_KEEPALIVE_TIME_SECONDS, minimum=1
+            ),
+            grpc_keepalive_timeout_seconds=env.number(
+                "AGENTMGR_GRPC_KEEPALIVE_TIMEOUT_SECONDS", defaults.DEFAULT_GRPC_KEEPALIVE_TIMEOUT_SECONDS, minimum=1
+            ),
+            agent_auth_cache_seconds=env.number(
+                "AGENTMGR_AGENT_AUTH_CACHE_SECONDS", defaults.DEFAULT_AGENT_AUTH_CACHE_SECONDS
+            ),
+            agent_auth_cache_size=int(
+                env.number("AGENTMGR_AGENT_AUTH_CACHE_SIZE", defaults.DEFAULT_AGENT_AUTH_CACHE_SIZE, minimum=1)
+            ),
+            register_failure_limit=int(
+                env.number("AGENTMGR_REGISTER_FAILURE_LIMIT", defaults.DEFAULT_REGISTER_FAILURE_LIMIT, minimum=1)
+            ),
+            register_failure_window_seconds=env.number(
+                "AGENTMGR_REGISTER_FAILURE_WINDOW_SECONDS", defaults.DEFAULT_REGISTER_FAILURE_WINDOW_SECONDS, minimum=1
+            ),
+            command_wait_max_seconds=env.number(
+                "AGENTMGR_COMMAND_WAIT_MAX_SECONDS", defaults.DEFAULT_COMMAND_WAIT_MAX_SECONDS
+            ),
+            command_expires_seconds=env.number(
+                "AGENTMGR_COMMAND_EXPIRES_SECONDS", defaults.DEFAULT_COMMAND_EXPIRES_SECONDS, minimum=1
+            ),
+            gateway_db_connections=int(
+                env.number("AGENTMGR_GATEWAY_DB_CONNECTIONS", defaults.DEFAULT_GATEWAY_DB_CONNECTIONS, minimum=1)
             ),
         )
 

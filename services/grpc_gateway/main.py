@@ -9,7 +9,7 @@ from services.core.program import run_program
 from services.core.settings import Settings
 from services.core.startup import verify_schema
 from services.core.tls import load_tls_material
-from services.grpc_gateway.server import Gateway
+from services.grpc_gateway.app import serve
 
 SERVICE = "grpc_gateway"
 
@@ -18,7 +18,7 @@ def run(settings: Settings) -> int:
     """Check the schema and TLS files, then serve until a stop signal."""
     verify_schema(settings, SERVICE)
     tls = load_tls_material(settings)
-    asyncio.run(Gateway(settings=settings, tls=tls).serve())
+    asyncio.run(serve(settings, tls))
     return 0
 
 

@@ -4,6 +4,11 @@
 Signal handlers only set flags: the first SIGTERM or SIGINT starts a graceful
 drain (health NOT_SERVING, then ``server.stop(grace)``), a second one cancels
 the RPCs still running.
+
+Callers extend the lifecycle with ``prepare`` hooks (awaited before the server
+starts), ``background`` tasks (started with the server, cancelled after it
+stops) and ``drain`` hooks (awaited before ``server.stop``, for example to close
+long-lived streams so that their peers reconnect to another gateway).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import grpc.aio
@@ -27,6 +32,15 @@ logger = logging.getLogger("agentmgr.grpc_gateway")
 ServiceRegistrar = Callable[[grpc.aio.Server], list[str]]
 """Adds servicers to a server and returns their full service names (for health and reflection)."""
 
+Hook = Callable[[], Awaitable[None]]
+"""An async callable without arguments: a prepare or drain step, or a background task's body."""
+
+MIN_CLIENT_PING_INTERVAL_SECONDS = 10.0
+"""Shortest interval between keepalive pings from a client; faster pingers get GOAWAY."""
+
+BACKGROUND_STOP_SECONDS = 5.0
+"""Time cancelled background tasks get to finish their cleanup at shutdown."""
+
 
 class Gateway:
     """One gateway process: a grpc.aio server with the health and reflection services."""
@@ -37,10 +51,17 @@ class Gateway:
         settings: Settings,
         tls: TLSMaterial,
         registrars: tuple[ServiceRegistrar, ...] = (),
+        prepare: tuple[Hook, ...] = (),
+        background: tuple[Hook, ...] = (),
+        drain: tuple[Hook, ...] = (),
     ) -> None:
         self.settings = settings
         self.tls = tls
         self.registrars = registrars
+        self.prepare = prepare
+        self.background = background
+        self.drain = drain
+        self.background_tasks: list[asyncio.Task[None]] = []
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
@@ -79,6 +100,7 @@ class Gateway:
             ("grpc.so_reuseport", 1 if self.settings.grpc_reuse_port else 0),
             ("grpc.max_receive_message_length", self.settings.grpc_max_message_bytes),
             ("grpc.max_send_message_length", self.settings.grpc_max_message_bytes),
+            *keepalive_options(self.settings),
         ]
         self.server = grpc.aio.server(options=options)
 
@@ -103,6 +125,12 @@ class Gateway:
                 "to share the port on purpose)"
             ) from error
 
+        # Prepare (subscriptions and the like), start the background tasks, then serve.
+        for hook in self.prepare:
+            await hook()
+        for body in self.background:
+            self.background_tasks.append(asyncio.create_task(body(), name=getattr(body, "__qualname__", None)))
+
         # Serve, then report healthy; the "listening" line is the last start-up line.
         await self.server.start()
         for name in ("", *self.service_names):
@@ -120,10 +148,18 @@ class Gateway:
         """Drain and stop; safe to call twice or before ``startup`` finished."""
         server, self.server = self.server, None
         if server is None:
+            await self.stop_background()
             return
 
         # Tell load balancers and health checkers to stop sending new calls.
         await self.health.enter_graceful_shutdown()
+
+        # End long-lived streams, so their peers reconnect elsewhere instead of waiting.
+        for hook in self.drain:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - shutdown goes on; the log has the cause
+                logger.exception("failed: drain step %s", getattr(hook, "__qualname__", hook))
 
         # Give in-flight calls the grace period; a second signal cuts it short.
         grace = self.settings.grpc_shutdown_grace_seconds
@@ -136,4 +172,41 @@ class Gateway:
             logger.warning("stopping: gateway now (second signal; cancelling in-flight calls)")
             await server.stop(0)
         await stopping
+
+        # Background tasks last, because in-flight calls may still have needed them.
+        await self.stop_background()
         logger.info("stopped: gateway")
+
+    async def stop_background(self) -> None:
+        """Cancel the background tasks and wait a bounded time for them; safe to call twice."""
+        tasks, self.background_tasks = self.background_tasks, []
+        if not tasks:
+            return
+        for task in tasks:
+            task.cancel()
+        done, pending = await asyncio.wait(tasks, timeout=BACKGROUND_STOP_SECONDS)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("failed: background task %s", task.get_name(), exc_info=task.exception())
+        logger.info(
+            "cancelled: %d background task(s)%s", len(tasks),
+            f", {len(pending)} still running after {BACKGROUND_STOP_SECONDS:g}s" if pending else "",
+            extra={"tasks": len(tasks), "still_running": len(pending)},
+        )
+
+
+def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """Return the HTTP/2 keepalive options that find dead peers within about a minute.
+
+    The gateway pings an idle connection every AGENTMGR_GRPC_KEEPALIVE_TIME_SECONDS and
+    drops it when no acknowledgement comes within AGENTMGR_GRPC_KEEPALIVE_TIMEOUT_SECONDS.
+    Clients may ping too, but not more often than MIN_CLIENT_PING_INTERVAL_SECONDS;
+    docs/protocol.md lists these limits for agent authors.
+    """
+    return [
+        ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.grpc_keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(MIN_CLIENT_PING_INTERVAL_SECONDS * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]

@@ -1,0 +1,268 @@
+"""AgentService: Register, the Session stream and artifact download."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from agentmanager.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from services.core.errors import InvalidArgument, RequestError
+from services.core.fleet import agents, commands
+from services.core.logs import bind_context
+from services.grpc_gateway import convert
+from services.grpc_gateway.auth import AgentCaller, Authenticator, RegisterRateLimiter, peer_host
+from services.grpc_gateway.liveness import Liveness
+from services.grpc_gateway.routing import Router
+from services.grpc_gateway.rpc import UNAVAILABLE_ERRORS, agent_rpc, enrollment_rpc
+from services.grpc_gateway.runtime import GatewayRuntime
+from services.grpc_gateway.server import MIN_CLIENT_PING_INTERVAL_SECONDS
+from services.grpc_gateway.sessions import AgentSession, CloseRequest
+
+logger = logging.getLogger("agentmgr.grpc_gateway.agent_service")
+
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+
+HELLO_TIMEOUT_MIN_SECONDS = 10.0
+"""Shortest time a new stream has to send Hello (the actual limit is two heartbeat intervals, if longer)."""
+
+
+class HelloTimeout(RequestError):
+    grpc_code_name = "DEADLINE_EXCEEDED"
+
+
+class Unimplemented(RequestError):
+    grpc_code_name = "UNIMPLEMENTED"
+
+
+def parse_command_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise InvalidArgument("command_id", f"invalid command_id {text[:64]!r}: expected a UUID") from None
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """Serves agents; one instance per gateway process."""
+
+    def __init__(
+        self,
+        runtime: GatewayRuntime,
+        *,
+        authenticator: Authenticator,
+        router: Router,
+        liveness: Liveness,
+    ) -> None:
+        self.runtime = runtime
+        self.authenticator = authenticator
+        self.router = router
+        self.sessions = router.sessions
+        self.liveness = liveness
+        self.rate_limiter = RegisterRateLimiter(runtime)
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(self, server)
+        return [SERVICE_NAME]
+
+    def session_settings(self) -> common_pb2.SessionSettings:
+        settings = self.runtime.settings
+        return common_pb2.SessionSettings(
+            heartbeat_interval=convert.duration(settings.heartbeat_interval_seconds),
+            offline_threshold=convert.duration(settings.offline_after_seconds),
+            max_output_bytes=settings.command_output_max_bytes,
+            max_message_bytes=settings.grpc_max_message_bytes,
+            min_keepalive_ping_interval=convert.duration(MIN_CLIENT_PING_INTERVAL_SECONDS),
+            gateway_instance_id=self.runtime.instance_id,
+        )
+
+    # Register.
+
+    @enrollment_rpc
+    async def Register(self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext, caller: None) -> agent_pb2.RegisterResponse:
+        host = peer_host(context.peer())
+        await self.rate_limiter.check(host)
+        try:
+            if not request.enrollment_token:
+                raise InvalidArgument("enrollment_token", "missing enrollment_token: pass the token from `agentmgr token create`")
+            if not request.HasField("facts"):
+                raise InvalidArgument("facts", "missing facts: the request must describe the host")
+            agent, key = await self.runtime.db(
+                agents.register_agent,
+                token_secret=request.enrollment_token,
+                facts=convert.host_facts_from_proto(request.facts),
+                replace=request.replace,
+                actor_peer=host,
+            )
+        except RequestError:
+            await self.rate_limiter.record_failure(host)
+            raise
+        if request.replace:
+            await self.revoke_replaced(agent.id)
+        return agent_pb2.RegisterResponse(
+            agent_id=str(agent.id),
+            agent_key=key,
+            settings=self.session_settings(),
+            group=agent.group,
+            labels=agent.labels,
+        )
+
+    async def revoke_replaced(self, agent_id: uuid.UUID) -> None:
+        """Close the stream of the agent that ``agent_id`` replaced, on whichever gateway holds it."""
+        replaced = await self.runtime.db(agents.find_replaced_agent, agent_id)
+        if replaced is not None:
+            await self.router.publish_revocation(replaced.id)
+
+    # Session.
+
+    @agent_rpc
+    async def Session(self, request_iterator: Any, context: grpc.aio.ServicerContext, caller: AgentCaller) -> None:
+        hello = await self.read_hello(context)
+        if hello is None:
+            return
+        session = AgentSession(caller.agent_id, peer=context.peer())
+        with bind_context(session_id=session.session_id):
+            await self.router.claim_session(session)
+            logger.info(
+                "connected: agent %s (version %s)", caller.agent_id, hello.agent_version,
+                extra={"agent_version": hello.agent_version, "peer": session.peer},
+            )
+            reader: asyncio.Task[None] | None = None
+            try:
+                await self.liveness.record(caller.agent_id)
+                await context.write(agent_pb2.ServerMessage(settings=self.session_settings()))
+                await self.router.deliver_pending(session)
+                reader = asyncio.create_task(self.read_messages(session, context))
+                await self.write_messages(session, context)
+            finally:
+                if reader is not None:
+                    reader.cancel()
+                await self.end_session(session)
+
+    async def read_hello(self, context: grpc.aio.ServicerContext) -> agent_pb2.Hello | None:
+        """Return the stream's first message, which must be Hello, or None if the agent hung up."""
+        timeout = max(HELLO_TIMEOUT_MIN_SECONDS, 2 * self.runtime.settings.heartbeat_interval_seconds)
+        try:
+            message = await asyncio.wait_for(context.read(), timeout)
+        except asyncio.TimeoutError:
+            raise HelloTimeout(f"no hello within {timeout:g} seconds of opening the session") from None
+        if message is grpc.aio.EOF:
+            return None
+        if message.WhichOneof("body") != "hello":
+            raise InvalidArgument("hello", "the first message of a session must be hello")
+        if message.hello.HasField("facts"):
+            agents.validate_host_facts(convert.host_facts_from_proto(message.hello.facts))
+        return message.hello
+
+    async def write_messages(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+        """Write the session's outbox to the stream until a close request arrives."""
+        while True:
+            item = await session.outbox.get()
+            if isinstance(item, CloseRequest):
+                if item.code is grpc.StatusCode.OK:
+                    logger.info("disconnected: agent %s (stream closed)", session.agent_id)
+                    return
+                logger.info(
+                    "closed: session of agent %s (%s: %s)", session.agent_id, item.code.name, item.details,
+                    extra={"grpc_code": item.code.name},
+                )
+                await context.abort(item.code, item.details)
+            await context.write(item)
+
+    async def read_messages(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+        """Handle the agent's messages; a bad message is logged and skipped, an outage ends the session."""
+        while True:
+            try:
+                message = await context.read()
+            except (grpc.aio.AioRpcError, ConnectionError) as error:
+                logger.info("disconnected: agent %s (%s)", session.agent_id, error)
+                session.close(grpc.StatusCode.CANCELLED, "stream read failed")
+                return
+            if message is grpc.aio.EOF:
+                session.close(grpc.StatusCode.OK, "")
+                return
+            kind = message.WhichOneof("body")
+            try:
+                await self.handle_message(session, message, kind)
+            except RequestError as error:
+                logger.warning(
+                    "rejected: %s message from agent %s (%s)", kind, session.agent_id, error,
+                    extra={"grpc_code": error.grpc_code_name, "message_kind": kind},
+                )
+            except UNAVAILABLE_ERRORS as error:
+                logger.warning("failed: %s message (%s; closing the session)", kind, error, extra={"message_kind": kind})
+                session.close(grpc.StatusCode.UNAVAILABLE, "the manager's database or Redis is unavailable; reconnect")
+                return
+            except Exception:  # noqa: BLE001 - logged with traceback, the agent reconnects
+                logger.exception("failed: %s message (unexpected error)", kind, extra={"message_kind": kind})
+                session.close(grpc.StatusCode.INTERNAL, "internal error; the gateway log has the details")
+                return
+
+    async def handle_message(self, session: AgentSession, message: agent_pb2.AgentMessage, kind: str | None) -> None:
+        agent_id = session.agent_id
+        if kind == "heartbeat":
+            await self.liveness.record(agent_id)
+            await self.router.refresh_session(session)
+        elif kind == "command_ack":
+            command_id = parse_command_id(message.command_ack.command_id)
+            with bind_context(command_id=str(command_id)):
+                started = await self.runtime.db(commands.mark_running, command_id, agent_id)
+                logger.info("started: command %s%s", command_id, "" if started else " (already reported or final)")
+        elif kind == "command_result":
+            await self.store_result(session, message.command_result)
+        elif kind == "update_status":
+            status = message.update_status
+            # NOTE: update progress is only logged until the rollout module stores it.
+            logger.info(
+                "update: %s on agent %s (%s)", agent_pb2.UpdateState.Name(status.state), agent_id, status.reason,
+                extra={"rollout_id": status.rollout_id, "release_id": status.release_id, "agent_version": status.agent_version},
+            )
+        elif kind == "hello":
+            raise InvalidArgument("hello", "hello is only allowed as the first message of a session")
+        else:
+            raise InvalidArgument("body", "empty message: set one field of the body")
+
+    async def store_result(self, session: AgentSession, result: agent_pb2.CommandResult) -> None:
+        command_id = parse_command_id(result.command_id)
+        with bind_context(command_id=str(command_id)):
+            stored = await self.runtime.db(
+                commands.store_result,
+                command_id,
+                session.agent_id,
+                exit_code=result.exit_code if result.HasField("exit_code") else None,
+                stdout=result.stdout,
+                stderr=result.stderr,
+                stdout_truncated=result.stdout_truncated,
+                stderr_truncated=result.stderr_truncated,
+                duration_ms=int(convert.seconds_of(result.duration) * 1000),
+                timed_out=result.timed_out,
+                error=result.error,
+                max_output_bytes=self.runtime.settings.command_output_max_bytes,
+            )
+            if stored:
+                logger.info("finished: command %s", command_id, extra={"exit_code": result.exit_code, "timed_out": result.timed_out})
+                await self.router.publish_finished(command_id)
+            else:
+                logger.info("ignored: duplicate result of command %s", command_id)
+            session.send(agent_pb2.ServerMessage(result_stored=agent_pb2.ResultStored(command_id=str(command_id))))
+
+    async def end_session(self, session: AgentSession) -> None:
+        """Release the session key and record the last sign of life; errors are logged only."""
+        try:
+            await self.router.release_session(session)
+            await self.liveness.record(session.agent_id)
+        except UNAVAILABLE_ERRORS as error:
+            logger.warning("failed: releasing session of agent %s (%s)", session.agent_id, error)
+
+    # Artifact download.
+
+    @agent_rpc
+    async def DownloadArtifact(
+        self, request: agent_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext, caller: AgentCaller
+    ) -> None:
+        # NOTE: releases are stored by the updater, which does not exist yet; until then every
+        # download is UNIMPLEMENTED so agents can tell it from a missing release (NOT_FOUND).
+        raise Unimplemented("artifact download is not available on this manager version")

@@ -1,0 +1,285 @@
+"""Command routing and revocation between gateway processes over Redis.
+
+``agentmgr:session:{agent_id}`` names the gateway instance that holds the
+agent's stream. A stored command is published on that gateway's channel
+``agentmgr:gateway:{instance_id}``; the holder writes it to the stream. When
+no gateway holds the stream, the command waits in PostgreSQL and is sent on
+the next connect. Revocations go to every gateway on ``agentmgr:revocations``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any
+
+import grpc
+import redis.exceptions
+
+from services.core.fleet import commands
+from services.core.fleet.models import UNSTARTED_STATES, Command, utc_now
+from services.core.logs import bind_context
+from services.grpc_gateway import convert
+from services.grpc_gateway.auth import Authenticator
+from services.grpc_gateway.keys import COMMAND_FINISHED_CHANNEL, REVOCATIONS_CHANNEL, gateway_channel, session_key
+from services.grpc_gateway.runtime import GatewayRuntime
+from services.grpc_gateway.sessions import REVOKED_DETAILS, SUPERSEDED_DETAILS, AgentSession, SessionRegistry
+
+logger = logging.getLogger("agentmgr.grpc_gateway.routing")
+
+RECONNECT_DELAY_SECONDS = 0.5
+RECONNECT_DELAY_MAX_SECONDS = 5.0
+
+# Extend or delete the session key only while it still names this gateway.
+_EXPIRE_IF_HOLDER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_DELETE_IF_HOLDER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class CommandWaiters:
+    """RunCommand calls of this process waiting for a command to finish."""
+
+    def __init__(self) -> None:
+        self._events: dict[uuid.UUID, set[asyncio.Event]] = {}
+
+    def add(self, command_id: uuid.UUID) -> asyncio.Event:
+        event = asyncio.Event()
+        self._events.setdefault(command_id, set()).add(event)
+        return event
+
+    def remove(self, command_id: uuid.UUID, event: asyncio.Event) -> None:
+        events = self._events.get(command_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._events[command_id]
+
+    def notify(self, command_id: uuid.UUID) -> None:
+        for event in self._events.get(command_id, ()):
+            event.set()
+
+
+def take_pending(connection: Any, agent_id: uuid.UUID) -> list[Command]:
+    """Return the agent's commands to send now, marked sent (expired ones are marked expired first)."""
+    pending = commands.pending_for_agent(connection, agent_id)
+    for command in pending:
+        commands.mark_sent(connection, command.id, agent_id)
+    return pending
+
+
+def take_one(connection: Any, command_id: uuid.UUID, agent_id: uuid.UUID) -> Command | None:
+    """Return the command marked sent if it may still be sent to ``agent_id``, else None."""
+    command = commands.get_command(connection, command_id)
+    if command.agent_id != agent_id or command.state not in UNSTARTED_STATES or command.expires_at <= utc_now():
+        return None
+    commands.mark_sent(connection, command_id, agent_id)
+    return command
+
+
+class Router:
+    """Publishes and receives routing messages; delivers commands to local sessions."""
+
+    def __init__(
+        self,
+        runtime: GatewayRuntime,
+        sessions: SessionRegistry,
+        authenticator: Authenticator,
+        waiters: CommandWaiters,
+    ) -> None:
+        self.runtime = runtime
+        self.sessions = sessions
+        self.authenticator = authenticator
+        self.waiters = waiters
+        self.channel = gateway_channel(runtime.instance_id)
+        self.pubsub: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def session_ttl_seconds(self) -> int:
+        return max(1, int(self.runtime.settings.offline_after_seconds + 0.999))
+
+    # Publishing.
+
+    async def publish_command(self, command: Command) -> None:
+        """Tell the gateway that holds the agent's stream, if any, to send ``command``."""
+        holder = await self.runtime.redis.get(session_key(command.agent_id))
+        if holder is None:
+            logger.info("queued: command %s (agent not connected)", command.id, extra={"command_id": str(command.id)})
+            return
+        message = {"kind": "command", "agent_id": str(command.agent_id), "command_id": str(command.id)}
+        await self.runtime.redis.publish(gateway_channel(holder.decode()), json.dumps(message))
+
+    async def publish_revocation(self, agent_id: uuid.UUID) -> None:
+        """Drop the agent's cached key here and tell every gateway to close its stream."""
+        self.authenticator.agent_keys.drop(agent_id)
+        self.sessions.close_agent(agent_id, grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
+        await self.runtime.redis.publish(REVOCATIONS_CHANNEL, json.dumps({"agent_id": str(agent_id)}))
+
+    async def publish_finished(self, command_id: uuid.UUID) -> None:
+        await self.runtime.redis.publish(COMMAND_FINISHED_CHANNEL, json.dumps({"command_id": str(command_id)}))
+
+    # The session key.
+
+    async def claim_session(self, session: AgentSession) -> None:
+        """Name this gateway as the holder of the agent's stream and supersede any other holder."""
+        self.sessions.add(session)
+        previous = await self.runtime.redis.set(
+            session_key(session.agent_id), self.runtime.instance_id, ex=self.session_ttl_seconds, get=True
+        )
+        if previous is not None and previous.decode() != self.runtime.instance_id:
+            message = {
+                "kind": "supersede",
+                "agent_id": str(session.agent_id),
+                "session_id": session.session_id,
+                "started_at": session.started_at,
+            }
+            await self.runtime.redis.publish(gateway_channel(previous.decode()), json.dumps(message))
+
+    async def refresh_session(self, session: AgentSession) -> None:
+        await self.runtime.redis.eval(
+            _EXPIRE_IF_HOLDER, 1, session_key(session.agent_id), self.runtime.instance_id, self.session_ttl_seconds
+        )
+
+    async def release_session(self, session: AgentSession) -> None:
+        """Forget the session; clear the key unless a newer session of the agent took over."""
+        if self.sessions.remove(session):
+            await self.runtime.redis.eval(_DELETE_IF_HOLDER, 1, session_key(session.agent_id), self.runtime.instance_id)
+
+    # Delivery to local sessions.
+
+    async def deliver_pending(self, session: AgentSession) -> int:
+        """Send every queued or sent, unexpired command of the agent; return how many were sent."""
+        pending = await self.runtime.db(take_pending, session.agent_id)
+        sent = 0
+        for command in pending:
+            if command.id not in session.delivered_command_ids:
+                session.delivered_command_ids.add(command.id)
+                session.send(convert.command_request(command))
+                sent += 1
+        if sent:
+            logger.info("sent: %d pending command(s) on connect", sent, extra={"commands": sent})
+        return sent
+
+    async def deliver(self, session: AgentSession, command_id: uuid.UUID) -> None:
+        """Send one routed command to ``session`` unless it was sent already, expired or ended."""
+        if command_id in session.delivered_command_ids:
+            return
+        session.delivered_command_ids.add(command_id)
+        command = await self.runtime.db(take_one, command_id, session.agent_id)
+        if command is None:
+            logger.info("skipped: command %s (no longer sendable)", command_id)
+            return
+        session.send(convert.command_request(command))
+        logger.info("sent: command %s", command_id)
+
+    # Receiving.
+
+    async def subscribe(self) -> None:
+        """Subscribe to this gateway's channel, revocations and finished commands."""
+        self.pubsub = self.runtime.redis.pubsub(ignore_subscribe_messages=True)
+        await self.pubsub.subscribe(self.channel, REVOCATIONS_CHANNEL, COMMAND_FINISHED_CHANNEL)
+        logger.info("subscribed: %s", self.channel, extra={"channel": self.channel})
+
+    async def run(self) -> None:
+        """Handle routing messages until cancelled, resubscribing after a Redis outage."""
+        delay = RECONNECT_DELAY_SECONDS
+        try:
+            while True:
+                try:
+                    if self.pubsub is None:
+                        await self.subscribe()
+                        # Messages published during the outage are lost: send what is pending.
+                        await self.redeliver_all()
+                    message = await self.pubsub.get_message(timeout=1.0)
+                    delay = RECONNECT_DELAY_SECONDS
+                except (redis.exceptions.RedisError, OSError) as error:
+                    logger.warning(
+                        "failed: routing subscription (%s; retrying in %.1fs)", error, delay,
+                        extra={"error_type": type(error).__name__, "retry_seconds": delay},
+                    )
+                    await self._drop_pubsub()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_DELAY_MAX_SECONDS)
+                    continue
+                if message is not None:
+                    self.handle(message)
+        finally:
+            await self._drop_pubsub()
+            for task in list(self._tasks):
+                task.cancel()
+
+    async def _drop_pubsub(self) -> None:
+        pubsub, self.pubsub = self.pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except (redis.exceptions.RedisError, OSError) as error:
+                logger.debug("failed: closing the routing subscription (%s)", error)
+
+    def handle(self, message: dict[str, Any]) -> None:
+        """Act on one pub/sub message; a malformed one is logged and dropped."""
+        channel = message["channel"].decode()
+        try:
+            payload = json.loads(message["data"])
+            if channel == REVOCATIONS_CHANNEL:
+                self.on_revocation(uuid.UUID(payload["agent_id"]))
+            elif channel == COMMAND_FINISHED_CHANNEL:
+                self.waiters.notify(uuid.UUID(payload["command_id"]))
+            elif payload.get("kind") == "command":
+                self.on_command(uuid.UUID(payload["agent_id"]), uuid.UUID(payload["command_id"]))
+            elif payload.get("kind") == "supersede":
+                self.sessions.close_agent(
+                    uuid.UUID(payload["agent_id"]),
+                    grpc.StatusCode.ABORTED,
+                    SUPERSEDED_DETAILS,
+                    started_before=float(payload["started_at"]),
+                )
+            else:
+                raise ValueError(f"unknown kind {payload.get('kind')!r}")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            logger.warning("skipped: invalid message on %s (%s)", channel, error, extra={"channel": channel})
+
+    def on_revocation(self, agent_id: uuid.UUID) -> None:
+        self.authenticator.agent_keys.drop(agent_id)
+        if self.sessions.close_agent(agent_id, grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS):
+            logger.info("closed: session of revoked agent %s", agent_id, extra={"agent_id": str(agent_id)})
+
+    def on_command(self, agent_id: uuid.UUID, command_id: uuid.UUID) -> None:
+        session = self.sessions.get(agent_id)
+        if session is None:
+            # The agent left; the command is sent from PostgreSQL when it reconnects.
+            return
+        self._spawn(self._deliver_logged(session, command_id), agent_id=str(agent_id), command_id=str(command_id))
+
+    async def redeliver_all(self) -> None:
+        for session in self.sessions.all():
+            self._spawn(self._deliver_pending_logged(session), agent_id=str(session.agent_id))
+
+    async def _deliver_logged(self, session: AgentSession, command_id: uuid.UUID) -> None:
+        try:
+            await self.deliver(session, command_id)
+        except Exception as error:  # noqa: BLE001 - the agent gets it on reconnect
+            session.delivered_command_ids.discard(command_id)
+            logger.warning(
+                "failed: sending command %s (%s; it is sent on the next connect)", command_id, error,
+                extra={"error_type": type(error).__name__},
+            )
+
+    async def _deliver_pending_logged(self, session: AgentSession) -> None:
+        try:
+            await self.deliver_pending(session)
+        except Exception as error:  # noqa: BLE001 - the agent gets them on reconnect
+            logger.warning("failed: sending pending commands (%s)", error, extra={"error_type": type(error).__name__})
+
+    def _spawn(self, coroutine: Any, **ids: str) -> None:
+        with bind_context(**ids):
+            task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,120 @@
+"""Live agent streams held by this gateway process, one per agent.
+
+A session's handler writes what it takes from ``outbox``; anything in the
+process (command routing, revocation, a newer session, shutdown) talks to the
+agent by putting a message there, or ends the stream with ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+
+import grpc
+
+from agentmanager.v1 import agent_pb2
+
+logger = logging.getLogger("agentmgr.grpc_gateway.sessions")
+
+OUTBOX_MAX_MESSAGES = 1000
+"""Messages queued for one agent before the gateway gives up on it as too slow."""
+
+SUPERSEDED_DETAILS = "superseded by a newer session"
+REVOKED_DETAILS = "agent revoked"
+SHUTDOWN_DETAILS = "gateway shutting down; reconnect"
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseRequest:
+    """The status a session ends with."""
+
+    code: grpc.StatusCode
+    details: str
+
+
+class AgentSession:
+    """One agent's open Session stream in this process."""
+
+    def __init__(self, agent_id: uuid.UUID, *, peer: str) -> None:
+        self.agent_id = agent_id
+        self.peer = peer
+        self.session_id = uuid.uuid4().hex
+        self.started_at = time.time()
+        """Unix time the session started; another gateway compares it when superseding."""
+        self.outbox: asyncio.Queue[agent_pb2.ServerMessage | CloseRequest] = asyncio.Queue(OUTBOX_MAX_MESSAGES + 1)
+        self.delivered_command_ids: set[uuid.UUID] = set()
+        """Commands written to this stream, so a routed command and the reconnect scan never send one twice."""
+        self.closing: CloseRequest | None = None
+
+    def send(self, message: agent_pb2.ServerMessage) -> None:
+        """Queue ``message`` for the agent; a full outbox ends the session with RESOURCE_EXHAUSTED."""
+        if self.closing is not None:
+            return
+        if self.outbox.qsize() >= OUTBOX_MAX_MESSAGES:
+            logger.warning(
+                "closing: session of agent %s (outbox full)", self.agent_id, extra={"agent_id": str(self.agent_id)}
+            )
+            self.close(grpc.StatusCode.RESOURCE_EXHAUSTED, "agent reads too slowly; reconnect")
+            return
+        self.outbox.put_nowait(message)
+
+    def close(self, code: grpc.StatusCode, details: str) -> None:
+        """Ask the handler to end the stream with ``code``; later calls are ignored."""
+        if self.closing is not None:
+            return
+        self.closing = CloseRequest(code, details)
+        self.outbox.put_nowait(self.closing)
+
+
+class SessionRegistry:
+    """The sessions of this process by agent id; only the event loop thread uses it."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[uuid.UUID, AgentSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, agent_id: uuid.UUID) -> AgentSession | None:
+        return self._sessions.get(agent_id)
+
+    def all(self) -> list[AgentSession]:
+        return list(self._sessions.values())
+
+    def add(self, session: AgentSession) -> None:
+        """Make ``session`` the agent's current one, closing an older one with ABORTED."""
+        older = self._sessions.get(session.agent_id)
+        self._sessions[session.agent_id] = session
+        if older is not None:
+            logger.info(
+                "superseded: session %s of agent %s", older.session_id, session.agent_id,
+                extra={"agent_id": str(session.agent_id), "session_id": older.session_id},
+            )
+            older.close(grpc.StatusCode.ABORTED, SUPERSEDED_DETAILS)
+
+    def remove(self, session: AgentSession) -> bool:
+        """Forget ``session`` if it is still the agent's current one; return whether it was."""
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+            return True
+        return False
+
+    def close_agent(self, agent_id: uuid.UUID, code: grpc.StatusCode, details: str, *, started_before: float | None = None) -> bool:
+        """Close the agent's session (only one that started before ``started_before``, if given)."""
+        session = self._sessions.get(agent_id)
+        if session is None:
+            return False
+        if started_before is not None and session.started_at >= started_before:
+            return False
+        session.close(code, details)
+        return True
+
+    def close_all(self, code: grpc.StatusCode, details: str) -> int:
+        """Close every session; return how many there were."""
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            session.close(code, details)
+        return len(sessions)
