@@ -22,7 +22,8 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     subprocess.run([str(PROJECT_ROOT / "scripts" / "gen-protos"), str(tmp_path)], check=True, capture_output=True)
 
     fresh = generated_files(tmp_path / "agentmanager")
-    committed = generated_files(GENERATED)
+    # Hand-written modules may live beside the generated ones; only *_pb2* files must match the set.
+    committed = {name: content for name, content in generated_files(GENERATED).items() if "_pb2" in name or name in fresh}
 
     assert sorted(fresh) == sorted(committed), "run scripts/gen-protos: the set of generated files differs"
     for name, content in fresh.items():
