@@ -13,7 +13,7 @@ class ExitCode(enum.IntEnum):
 
     OK = 0
     FAILURE = 1
-    """An unexpected error; the log holds the traceback."""
+    """An unexpected error; the log contains the traceback."""
     CONFIG = 2
     """A setting or a command-line argument is invalid."""
     DATABASE = 3
@@ -39,7 +39,7 @@ class AgentManagerError(Exception):
 
 
 class SettingsError(AgentManagerError):
-    """An ``AGENTMGR_`` setting holds a value of the wrong form."""
+    """An ``AGENTMGR_`` setting has a value of the wrong form."""
 
     exit_code = ExitCode.CONFIG
 

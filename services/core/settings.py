@@ -69,7 +69,7 @@ class Settings:
         """Build settings from ``environ`` (default ``os.environ``).
 
         Raises:
-            SettingsError: a variable holds a value of the wrong form.
+            SettingsError: a variable has a value of the wrong form.
         """
         env = _Reader(os.environ if environ is None else environ)
         host, port = env.address("AGENTMGR_GRPC_ADDRESS", defaults.DEFAULT_GRPC_ADDRESS)
