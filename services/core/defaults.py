@@ -113,6 +113,21 @@ expires when the request does not set one."""
 DEFAULT_GATEWAY_DB_CONNECTIONS = 10
 """AGENTMGR_GATEWAY_DB_CONNECTIONS: maximum PostgreSQL connections per gateway process."""
 
+DEFAULT_UPDATES_UPSTREAM = ""
+"""AGENTMGR_UPDATES_UPSTREAM: where the updater fetches releases: an absolute folder path or an
+https:// URL, either holding index.json. Empty means no upstream (publish releases by hand)."""
+
+DEFAULT_UPDATES_FETCH_INTERVAL_SECONDS = 3600.0
+"""AGENTMGR_UPDATES_FETCH_INTERVAL_SECONDS: time between two scheduled upstream checks."""
+
+DEFAULT_UPDATES_TRUSTED_KEYS_FILE = ""
+"""AGENTMGR_UPDATES_TRUSTED_KEYS_FILE: file of trusted publisher public keys, one
+`ed25519 BASE64` line each. Empty means $AGENTMGR_HOME/updates/trusted_publishers.pub."""
+
+DEFAULT_UPDATES_FREE_SPACE_MARGIN_BYTES = 256 * 1024 * 1024
+"""AGENTMGR_UPDATES_FREE_SPACE_MARGIN_BYTES: free disk space, in bytes, that must remain after
+a release is stored; a release that would leave less is rejected."""
+
 UPDATES_QUEUE = "updates"
 """Name of the RQ queue that holds update jobs; `rq info` shows it under this name."""
 

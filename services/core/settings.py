@@ -63,6 +63,12 @@ class Settings:
     command_wait_max_seconds: float
     command_expires_seconds: float
     gateway_db_connections: int
+    updates_upstream: str
+    """Folder path or https:// URL of the release index; empty when there is none."""
+    updates_fetch_interval_seconds: float
+    updates_trusted_keys_file: Path | None
+    """AGENTMGR_UPDATES_TRUSTED_KEYS_FILE as given; None selects the file under the state folder."""
+    updates_free_space_margin_bytes: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -157,6 +163,14 @@ class Settings:
             gateway_db_connections=int(
                 env.number("AGENTMGR_GATEWAY_DB_CONNECTIONS", defaults.DEFAULT_GATEWAY_DB_CONNECTIONS, minimum=1)
             ),
+            updates_upstream=env.upstream("AGENTMGR_UPDATES_UPSTREAM"),
+            updates_fetch_interval_seconds=env.number(
+                "AGENTMGR_UPDATES_FETCH_INTERVAL_SECONDS", defaults.DEFAULT_UPDATES_FETCH_INTERVAL_SECONDS, minimum=10
+            ),
+            updates_trusted_keys_file=env.optional_path("AGENTMGR_UPDATES_TRUSTED_KEYS_FILE"),
+            updates_free_space_margin_bytes=int(
+                env.number("AGENTMGR_UPDATES_FREE_SPACE_MARGIN_BYTES", defaults.DEFAULT_UPDATES_FREE_SPACE_MARGIN_BYTES)
+            ),
         )
 
     # Paths under the state folder.
@@ -194,6 +208,16 @@ class Settings:
     @property
     def redis_socket_path(self) -> Path:
         return self.redis_dir / "redis.sock"
+
+    @property
+    def release_store_dir(self) -> Path:
+        """Content-addressed release artifacts, one file per SHA-256."""
+        return self.home / "releases"
+
+    @property
+    def trusted_keys_file(self) -> Path:
+        """File of the publisher public keys whose signatures the manager accepts."""
+        return self.updates_trusted_keys_file or self.home / "updates" / "trusted_publishers.pub"
 
     # Where the data lives.
 
@@ -311,6 +335,14 @@ class _Reader:
         elif ":" in host:
             raise SettingsError(name, value, expected + " (IPv6 addresses go in brackets)")
         return host, port
+
+    def upstream(self, name: str) -> str:
+        value = self.raw(name)
+        if not value:
+            return ""
+        if value.startswith("https://") or value.startswith("/"):
+            return value.rstrip("/")
+        raise SettingsError(name, value, "an absolute folder path or an https:// URL")
 
     def names(self, name: str, default: str) -> tuple[str, ...]:
         value = self.raw(name, default)
