@@ -7,6 +7,7 @@ commands; admin may do everything, including deleting agents.
 from __future__ import annotations
 
 import asyncio
+import math
 import datetime
 import logging
 import time
@@ -196,8 +197,8 @@ class PanelServicer(panel_pb2_grpc.PanelServiceServicer):
                 commands.create_command,
                 agent_id=agent_id,
                 command_line=request.command_line,
-                timeout_seconds=int(timeout),
-                expires_in_seconds=int(expires_in),
+                timeout_seconds=math.ceil(timeout),
+                expires_in_seconds=math.ceil(expires_in),
                 reason=request.reason,
                 requested_by=caller.actor,
             )
