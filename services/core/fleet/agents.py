@@ -32,6 +32,7 @@ from services.core.fleet.models import (
 )
 from services.core.fleet.validation import (
     FACT_MAX_LENGTH,
+    GROUP_MAX_LENGTH,
     HOSTNAME_MAX_LENGTH,
     validate_addresses,
     validate_group,
@@ -298,7 +299,7 @@ def list_agents(
 
     if filters.group:
         where.append(sql.SQL("group_name = %s"))
-        parameters.append(validate_group(filters.group))
+        parameters.append(validate_text(filters.group, "group", GROUP_MAX_LENGTH))
     if filters.label:
         where.append(sql.SQL("labels @> %s::jsonb"))
         parameters.append(Json(validate_labels(filters.label, "label")))

@@ -104,9 +104,12 @@ def create_command(
             raise NotFound("agent", agent_id)
         if agent["revoked_at"] is not None:
             raise FailedPrecondition(f"agent {agent_id} is revoked; commands can only go to active agents")
+        # clock_timestamp(), unlike now(), differs between commands created in one
+        # transaction, so they are delivered in the order they were created.
         cursor.execute(
-            f"INSERT INTO commands (agent_id, command_line, reason, requested_by, timeout_seconds, expires_at) "
-            f"VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s)) RETURNING {COLUMNS}",
+            f"INSERT INTO commands (agent_id, command_line, reason, requested_by, timeout_seconds, created_at, "
+            f"expires_at) SELECT %s, %s, %s, %s, %s, clock.at, clock.at + make_interval(secs => %s) "
+            f"FROM (SELECT clock_timestamp() AS at) AS clock RETURNING {COLUMNS}",
             (agent_id, command_line, reason, requested_by, timeout_seconds, expires_in_seconds),
         )
         command = command_from_row(cursor.fetchone())

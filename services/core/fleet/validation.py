@@ -30,6 +30,7 @@ MAX_LABELS = 32
 _LABEL_KEY = re.compile(r"[a-z0-9_./-]{1,63}")
 LABEL_VALUE_MAX_LENGTH = 255
 
+GROUP_MAX_LENGTH = 63
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 """A group name: up to 63 letters, digits, '_', '.' and '-', starting with a letter or digit."""
 
