@@ -1,0 +1,483 @@
+"""The run loop: one session stream to the manager at a time, reconnecting with backoff, and the
+commands it delivers.
+
+Why grpc.aio and not threads: the stream reader, the heartbeat timer and every
+running command are coroutines on one event loop, so they share the journal
+and the current stream without locks, and stopping is a cancellation that
+reaches each of them (a cancelled command kills its process group).
+
+``AgentRunner.serve()`` runs ``startup()``, ``main_loop()`` and ``shutdown()``.
+Signal handlers only set ``should_exit``. Commands outlive a lost session:
+their results are kept in the journal and sent on the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import random
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from agentmanager.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+from agent import __version__
+from agent.config import AgentSettings, InstalledConfig, load_config
+from agent.errors import NotInstalledError, RevokedError
+from agent.executor import execute
+from agent.hostfacts import collect_host_facts
+from agent.journal import EntryState, Journal, command_key
+from agent.logs import bind_context
+from agent.status import ConnectionState, StatusFile
+
+logger = logging.getLogger("agentmgr.agent.session")
+
+DEFAULT_HEARTBEAT_SECONDS = 15.0
+"""Heartbeat interval when the gateway announces none."""
+MIN_HEARTBEAT_SECONDS = 0.1
+DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
+"""Output cap, per stream, when the gateway announces none."""
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+"""Room kept in a message for everything besides stdout and stderr."""
+KEEPALIVE_TIME_SECONDS = 30.0
+"""Interval of HTTP/2 keepalive pings; the gateway rejects pings more often than every 10 s."""
+KEEPALIVE_TIMEOUT_SECONDS = 10.0
+SETTINGS_TIMEOUT_SECONDS = 30.0
+"""Time the gateway has to answer a new session with SessionSettings."""
+FALLBACK_TIMEOUT_SECONDS = 3600.0
+"""Timeout of a command whose request carries none (the gateway always sets one)."""
+FAILURE_SUMMARY_EVERY = 20
+"""After the first failure is logged, every this many further failures log one summary line."""
+SHUTDOWN_COMMANDS_SECONDS = 15.0
+"""Time running commands get at shutdown to be killed and reaped."""
+
+
+def seconds_of(message: duration_pb2.Duration) -> float:
+    return message.seconds + message.nanos / 1_000_000_000
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    message.FromNanoseconds(int(seconds * 1_000_000_000))
+    return message
+
+
+def timestamp_now() -> timestamp_pb2.Timestamp:
+    message = timestamp_pb2.Timestamp()
+    message.GetCurrentTime()
+    return message
+
+
+def backoff_delay(failures: int, *, base: float, cap: float) -> float:
+    """Return a reconnect delay after ``failures`` failures in a row: exponential, capped, full jitter."""
+    bound = min(cap, base * 2 ** min(failures - 1, 62))
+    return random.uniform(0, bound)
+
+
+class SessionEnded(Exception):
+    """A session ended with a status other than UNAUTHENTICATED; the loop reconnects."""
+
+    def __init__(self, reason: str, *, superseded: bool = False) -> None:
+        super().__init__(reason)
+        self.superseded = superseded
+
+
+class AgentRunner:
+    """The ``run`` command: keeps a session open and runs the commands it delivers."""
+
+    def __init__(self, *, settings: AgentSettings, config: InstalledConfig, journal: Journal, status: StatusFile) -> None:
+        self.settings = settings
+        self.config = config
+        self.journal = journal
+        self.status = status
+        self.should_exit = asyncio.Event()
+        self.slots = asyncio.Semaphore(settings.max_concurrent_commands)
+        self.running: set[str] = set()
+        """Ids of commands accepted in this process and not finished, including those waiting for a slot."""
+        self.command_tasks: set[asyncio.Task[None]] = set()
+        self.outbox: asyncio.Queue[agent_pb2.AgentMessage | None] | None = None
+        """The current session's outgoing messages; None while disconnected."""
+        self.session_settings = common_pb2.SessionSettings()
+        self.failures = 0
+        self.keepalive_seconds = KEEPALIVE_TIME_SECONDS
+
+    # Lifecycle.
+
+    async def serve(self) -> None:
+        """Start, keep a session open until a stop signal, then shut down.
+
+        Raises:
+            RevokedError: the manager rejected the agent's credentials.
+        """
+        self.install_signal_handlers()
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.handle_exit, signum)
+
+    def handle_exit(self, signum: int) -> None:
+        logger.info("received: %s", signal.Signals(signum).name)
+        self.should_exit.set()
+
+    async def startup(self) -> None:
+        """Report commands that an earlier process left unfinished, and prune the journal."""
+        for command_id in self.journal.interrupted():
+            result = agent_pb2.CommandResult(
+                command_id=command_id,
+                error="interrupted: the agent stopped while the command ran; it is not run again",
+            )
+            self.journal.record_result(result)
+            logger.warning("interrupted: command %s (the agent stopped while it ran)", command_id, extra={"command_id": command_id})
+        pruned = self.journal.prune()
+        if pruned:
+            logger.info("pruned: %d old journal entries", pruned)
+
+    async def main_loop(self) -> None:
+        """Open sessions until a stop signal, waiting with backoff after each failure.
+
+        Raises:
+            RevokedError: the manager rejected the agent's credentials.
+        """
+        attempt = 0
+        while not self.should_exit.is_set():
+            attempt += 1
+            logger.info("connecting: manager %s (attempt %d)", self.config.manager, attempt, extra={"attempt": attempt})
+            self.status.update(ConnectionState.CONNECTING, manager=self.config.manager, agent_id=self.config.agent_id)
+            session = asyncio.create_task(self.run_session())
+            stop = asyncio.create_task(self.should_exit.wait())
+            await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not session.done():
+                session.cancel()
+                await asyncio.gather(session, return_exceptions=True)
+                return
+
+            try:
+                session.result()
+                reason, superseded = "the manager closed the session", False
+            except RevokedError as error:
+                if self.reload_reinstalled_config():
+                    continue
+                self.status.update(ConnectionState.REVOKED, last_error=str(error))
+                raise
+            except SessionEnded as error:
+                reason, superseded = str(error), error.superseded
+            except Exception as error:  # noqa: BLE001 - the loop must outlive any one session
+                logger.exception("failed: session with manager %s (unexpected error)", self.config.manager)
+                reason, superseded = f"unexpected error: {error}", False
+
+            self.failures += 1
+            delay = backoff_delay(self.failures, base=self.settings.backoff_base_seconds, cap=self.settings.backoff_cap_seconds)
+            self.status.update(ConnectionState.DISCONNECTED, last_error=reason, failed_attempts=self.failures)
+            self.log_failure(reason, delay, superseded=superseded)
+            try:
+                await asyncio.wait_for(self.should_exit.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def reload_reinstalled_config(self) -> bool:
+        """Switch to a newer install in the config folder (``install --replace`` while running); return whether one exists."""
+        try:
+            config = load_config(self.settings.config_dir)
+        except NotInstalledError:
+            return False
+        if config.agent_id == self.config.agent_id:
+            return False
+        logger.info(
+            "reloaded: config now names agent %s (reinstalled); agent %s was replaced",
+            config.agent_id, self.config.agent_id, extra={"previous_agent_id": self.config.agent_id},
+        )
+        self.config = config
+        return True
+
+    def log_failure(self, reason: str, delay: float, *, superseded: bool) -> None:
+        """Log the first failure in a row and then one summary every ``FAILURE_SUMMARY_EVERY``."""
+        fields = {"failures": self.failures, "retry_seconds": round(delay, 3)}
+        if superseded:
+            logger.warning(
+                "superseded: another session of agent %s took over (is a second agent running with this "
+                "config?); reconnecting in %.1fs", self.config.agent_id, delay, extra=fields,
+            )
+        elif self.failures == 1:
+            logger.warning(
+                "failed: session with manager %s (%s); retrying in %.1fs, further failures are counted",
+                self.config.manager, reason, delay, extra=fields,
+            )
+        elif self.failures % FAILURE_SUMMARY_EVERY == 0:
+            logger.warning(
+                "failing: session with manager %s, %d attempts in a row (last: %s); retrying in %.1fs",
+                self.config.manager, self.failures, reason, delay, extra=fields,
+            )
+        else:
+            logger.debug("failed: session with manager %s (%s); retrying in %.1fs", self.config.manager, reason, delay, extra=fields)
+
+    async def shutdown(self) -> None:
+        """Kill running commands (their entries report them as interrupted on the next start); safe to repeat."""
+        self.should_exit.set()
+        tasks = [task for task in self.command_tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_COMMANDS_SECONDS)
+            logger.info("stopped: %d running command(s) killed (%d did not stop in time)", len(tasks), len(pending))
+        if self.status.document.get("state") != ConnectionState.REVOKED.value:
+            self.status.update(ConnectionState.STOPPED)
+
+    # One session.
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        max_message = int(self.session_settings.max_message_bytes) or 4 * 1024 * 1024
+        return [
+            ("grpc.keepalive_time_ms", int(self.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000)),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.enable_retries", 0),
+        ]
+
+    async def run_session(self) -> None:
+        """Open one session and serve it until it ends.
+
+        Raises:
+            RevokedError: the manager answered UNAUTHENTICATED.
+            SessionEnded: the session could not be opened or ended otherwise.
+        """
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.config.ca_pem)
+        metadata = (("x-agent-id", self.config.agent_id), ("x-agent-key", self.config.agent_key))
+        facts = collect_host_facts(self.settings.config_dir, labels=self.config.labels, machine_id=self.settings.machine_id)
+        outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+        outbox.put_nowait(agent_pb2.AgentMessage(hello=agent_pb2.Hello(agent_version=__version__, facts=facts)))
+
+        async def requests() -> AsyncIterator[agent_pb2.AgentMessage]:
+            while (message := await outbox.get()) is not None:
+                yield message
+
+        heartbeat: asyncio.Task[None] | None = None
+        async with grpc.aio.secure_channel(self.config.manager, credentials, options=self.channel_options()) as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Session(requests(), metadata=metadata)
+            try:
+                first = await asyncio.wait_for(call.read(), timeout=SETTINGS_TIMEOUT_SECONDS)
+                if first is grpc.aio.EOF or first.WhichOneof("body") != "settings":
+                    raise SessionEnded("the gateway did not start the session with its settings")
+                self.apply_settings(first.settings)
+                self.outbox = outbox
+                self.resend_unconfirmed()
+                heartbeat = asyncio.create_task(self.send_heartbeats(outbox))
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    self.handle_server_message(message)
+                code = await call.code()
+                raise SessionEnded(f"the gateway ended the stream ({code.name})")
+            except grpc.aio.AioRpcError as error:
+                raise self.classify(error) from None
+            except asyncio.TimeoutError:
+                raise SessionEnded(f"no session settings from the gateway within {SETTINGS_TIMEOUT_SECONDS:g}s") from None
+            finally:
+                self.outbox = None
+                outbox.put_nowait(None)
+                if heartbeat is not None:
+                    heartbeat.cancel()
+                call.cancel()
+
+    def classify(self, error: grpc.aio.AioRpcError) -> Exception:
+        code, details = error.code(), error.details() or ""
+        if code is grpc.StatusCode.UNAUTHENTICATED:
+            return RevokedError(
+                f"the manager {self.config.manager} rejected the credentials of agent {self.config.agent_id} "
+                f"({details}): the agent was deleted, or replaced by a newer install on this machine. "
+                "Enroll again with `agentmgr-agent install ... --replace` and a new token"
+            )
+        return SessionEnded(f"{code.name}: {details}", superseded=code is grpc.StatusCode.ABORTED and "superseded" in details)
+
+    def apply_settings(self, settings: common_pb2.SessionSettings) -> None:
+        """Adopt the gateway's session settings and report the connection."""
+        self.session_settings = settings
+        announced_ping = seconds_of(settings.min_keepalive_ping_interval)
+        if announced_ping > self.keepalive_seconds:
+            # Channel options are fixed per connection, so this applies from the next one.
+            logger.warning("adjusting: keepalive interval to %.1fs as the gateway requires", announced_ping)
+            self.keepalive_seconds = announced_ping
+        if self.failures:
+            logger.info(
+                "connected: manager %s after %d failed attempt(s) (gateway %s)",
+                self.config.manager, self.failures, settings.gateway_instance_id,
+                extra={"gateway_instance_id": settings.gateway_instance_id, "failures": self.failures},
+            )
+        else:
+            logger.info(
+                "connected: manager %s (gateway %s, heartbeat every %.1fs)",
+                self.config.manager, settings.gateway_instance_id, self.heartbeat_seconds,
+                extra={"gateway_instance_id": settings.gateway_instance_id},
+            )
+        self.failures = 0
+        self.status.update(
+            ConnectionState.CONNECTED, gateway_instance_id=settings.gateway_instance_id, last_error="", failed_attempts=0
+        )
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        announced = seconds_of(self.session_settings.heartbeat_interval)
+        return max(MIN_HEARTBEAT_SECONDS, announced or DEFAULT_HEARTBEAT_SECONDS)
+
+    @property
+    def max_output_bytes(self) -> int:
+        """The announced output cap, lowered so that a result with both streams full fits in one message."""
+        cap = int(self.session_settings.max_output_bytes) or DEFAULT_MAX_OUTPUT_BYTES
+        max_message = int(self.session_settings.max_message_bytes)
+        if max_message:
+            cap = min(cap, max(0, (max_message - MESSAGE_OVERHEAD_BYTES) // 2))
+        return cap
+
+    async def send_heartbeats(self, outbox: asyncio.Queue[agent_pb2.AgentMessage | None]) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            heartbeat = agent_pb2.Heartbeat(sent_at=timestamp_now(), running_commands=len(self.running))
+            outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=heartbeat))
+
+    def send(self, message: agent_pb2.AgentMessage) -> bool:
+        """Queue ``message`` on the current session; return False while disconnected."""
+        if self.outbox is None:
+            return False
+        self.outbox.put_nowait(message)
+        return True
+
+    def resend_unconfirmed(self) -> None:
+        results = self.journal.unconfirmed_results()
+        for result in results:
+            self.send(agent_pb2.AgentMessage(command_result=result))
+        if results:
+            logger.info("resent: %d result(s) the manager has not confirmed", len(results), extra={"results": len(results)})
+
+    # Messages from the gateway.
+
+    def handle_server_message(self, message: agent_pb2.ServerMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "command_request":
+            self.accept_command(message.command_request)
+        elif kind == "result_stored":
+            self.confirm_result(message.result_stored.command_id)
+        elif kind == "settings":
+            self.apply_settings(message.settings)
+        elif kind == "update_notice":
+            # TODO: install releases (download, verify, switch, roll back) with the update rollout.
+            logger.warning(
+                "skipped: update notice for version %s (this agent version cannot self-update yet)",
+                message.update_notice.version, extra={"rollout_id": message.update_notice.rollout_id},
+            )
+        else:
+            logger.warning("skipped: server message of unknown kind %r (newer gateway?)", kind)
+
+    def confirm_result(self, command_id: str) -> None:
+        try:
+            known = self.journal.mark_stored(command_id)
+        except ValueError:
+            logger.warning("skipped: result confirmation with invalid command id %r", command_id[:64])
+            return
+        except OSError as error:
+            logger.error("failed: recording the stored result of command %s (%s)", command_id, error, extra={"command_id": command_id})
+            return
+        if known:
+            logger.debug("confirmed: result of command %s", command_id, extra={"command_id": command_id})
+
+    def accept_command(self, request: agent_pb2.CommandRequest) -> None:
+        """Start ``request`` unless its id ran already, is running, or it expired."""
+        try:
+            command_id = command_key(request.command_id)
+        except ValueError:
+            logger.warning("skipped: command request with invalid id %r", request.command_id[:64])
+            return
+        with bind_context(command_id=command_id):
+            if command_id in self.running:
+                logger.info("skipped: command %s (already running)", command_id)
+                return
+            state = self.journal.state(command_id)
+            if state is EntryState.FINISHED:
+                # The manager may have lost the result: send the kept copy again.
+                kept = self.journal.result(command_id)
+                if kept is not None:
+                    self.send(agent_pb2.AgentMessage(command_result=kept))
+                logger.info("skipped: command %s (already run; result resent)", command_id)
+                return
+            if state is not None:
+                logger.info("skipped: command %s (already run)", command_id)
+                return
+            self.running.add(command_id)
+            task = asyncio.create_task(self.run_command(command_id, request))
+            self.command_tasks.add(task)
+            task.add_done_callback(self.command_tasks.discard)
+
+    async def run_command(self, command_id: str, request: agent_pb2.CommandRequest) -> None:
+        """Run one accepted command in a slot, journal its result and send it."""
+        try:
+            async with self.slots:
+                if self.should_exit.is_set():
+                    return
+                if request.HasField("expires_at") and request.expires_at.ToDatetime(datetime.timezone.utc) <= datetime.datetime.now(datetime.timezone.utc):
+                    result = agent_pb2.CommandResult(
+                        command_id=command_id,
+                        error=f"not started: the command expired at {request.expires_at.ToJsonString()} before the agent could start it",
+                    )
+                    self.finish(result)
+                    return
+                try:
+                    self.journal.record_started(command_id)
+                except OSError as error:
+                    logger.error("failed: journaling command %s (%s); not running it", command_id, error)
+                    self.send(agent_pb2.AgentMessage(command_result=agent_pb2.CommandResult(
+                        command_id=command_id, error=f"not started: the agent cannot write its journal ({error})",
+                    )))
+                    return
+                self.send(agent_pb2.AgentMessage(command_ack=agent_pb2.CommandAck(command_id=command_id, started_at=timestamp_now())))
+                timeout = seconds_of(request.timeout)
+                if timeout <= 0:
+                    logger.warning("defaulted: command %s has no timeout; using %gs", command_id, FALLBACK_TIMEOUT_SECONDS)
+                    timeout = FALLBACK_TIMEOUT_SECONDS
+                logger.info("started: command %s (timeout %gs)", command_id, timeout)
+                execution = await execute(
+                    request.command_line,
+                    timeout_seconds=timeout,
+                    max_output_bytes=self.max_output_bytes,
+                    kill_grace_seconds=self.settings.kill_grace_seconds,
+                )
+                result = agent_pb2.CommandResult(
+                    command_id=command_id,
+                    exit_code=execution.exit_code,
+                    stdout=execution.stdout,
+                    stderr=execution.stderr,
+                    stdout_truncated=execution.stdout_truncated,
+                    stderr_truncated=execution.stderr_truncated,
+                    duration=duration(execution.duration_seconds),
+                    timed_out=execution.timed_out,
+                    error=execution.error,
+                )
+                logger.info(
+                    "finished: command %s (exit code %s%s)", command_id, execution.exit_code,
+                    ", timed out" if execution.timed_out else "",
+                    extra={"exit_code": execution.exit_code, "timed_out": execution.timed_out,
+                           "duration_seconds": round(execution.duration_seconds, 3)},
+                )
+                self.finish(result)
+        finally:
+            self.running.discard(command_id)
+
+    def finish(self, result: agent_pb2.CommandResult) -> None:
+        """Keep ``result`` in the journal and send it if a session is open."""
+        try:
+            self.journal.record_result(result)
+        except OSError as error:
+            # Sent anyway; only a resend after a reconnect is lost.
+            logger.error("failed: journaling the result of command %s (%s)", result.command_id, error)
+        if not self.send(agent_pb2.AgentMessage(command_result=result)):
+            logger.info("kept: result of command %s until the manager is reachable", result.command_id)
