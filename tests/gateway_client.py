@@ -1,8 +1,8 @@
 """A small synchronous client of the gateway for tests, and a gateway process to point it at.
 
 ``GatewayProcess`` runs the real ``python -m services.grpc_gateway`` over real
-TLS. ``AgentSession`` drives one Session stream from a thread, answering
-nothing by itself except heartbeats, so a test decides what the agent does.
+TLS. ``AgentSession`` drives one Session stream from a thread. By itself it sends
+only Hello and heartbeats, so each test decides what the agent does.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def secure_channel(address: str, ca_certificate: bytes, **options: Any) -> grpc.
 
 
 def host_facts(**overrides: Any) -> common_pb2.HostFacts:
-    """Return valid host facts with a fresh machine id; keyword arguments replace fields."""
+    """Return valid host facts with a new machine id. Keyword arguments replace fields."""
     fields: dict[str, Any] = {
         "hostname": f"host-{uuid.uuid4().hex[:8]}.example.test",
         "machine_id": uuid.uuid4().hex,
@@ -166,7 +166,7 @@ class Agent:
 
 
 class AgentSession:
-    """One Session stream: Hello is sent at once; received messages queue up in ``received``."""
+    """One Session stream. Hello is sent at once, and received messages queue up in ``received``."""
 
     _CLOSE = object()
 
@@ -216,7 +216,7 @@ class AgentSession:
         self.outgoing.put(message)
 
     def next_message(self, timeout: float = 10.0, *, kind: str | None = None) -> agent_pb2.ServerMessage:
-        """Return the next received message (of ``kind``, skipping others); fail after ``timeout``."""
+        """Return the next received message of ``kind`` (any kind if None), failing after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()

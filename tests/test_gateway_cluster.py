@@ -149,7 +149,7 @@ def test_command_during_crash_delivered_elsewhere(stack, first, admin) -> None:
     doomed.kill()
     session.wait_ended(timeout=15)
 
-    # The session key still names the dead gateway, so the publish reaches nobody.
+    # The session key still names the dead gateway, so no process receives the routed message.
     command = panel_stub(first.channel()).RunCommand(
         panel_pb2.RunCommandRequest(agent_id=agent.agent_id, command_line="uptime", timeout=seconds(10)),
         metadata=admin, timeout=10,

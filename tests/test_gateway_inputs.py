@@ -55,7 +55,7 @@ def channel(gateway: GatewayProcess) -> Iterator[grpc.Channel]:
 
 @pytest.fixture(autouse=True)
 def clear_rate_limits(stack: GatewayStack) -> None:
-    """Forget earlier Register failures, so that each case sees its own status."""
+    """Forget earlier Register failures, so that each case gets its own status."""
     for key in stack.redis.scan_iter("agentmgr:register-failures:*"):
         stack.redis.delete(key)
 
@@ -266,6 +266,17 @@ def test_download_artifact_statuses(channel, stack) -> None:
 
     assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert authenticated.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_every_handler_checks_credentials() -> None:
+    from services.grpc_gateway.agent_service import AgentServicer
+    from services.grpc_gateway.panel_service import PanelServicer
+
+    for servicer, service in ((AgentServicer, "AgentService"), (PanelServicer, "PanelService")):
+        module = agent_pb2 if service == "AgentService" else panel_pb2
+        for method in module.DESCRIPTOR.services_by_name[service].methods:
+            handler = getattr(servicer, method.name)
+            assert getattr(handler, "rpc_wrapped", False), f"{service}.{method.name} is not wrapped by rpc.py"
 
 
 # Open routes.

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from agentmanager.v1 import common_pb2, panel_pb2
+from agentmanager.v1 import agent_pb2, agent_pb2_grpc, common_pb2, panel_pb2
 from services.core.fleet import agents as fleet_agents
-from tests.gateway_client import Agent, GatewayProcess, GatewayStack, bearer, panel_stub, seconds
+from tests.gateway_client import Agent, GatewayProcess, GatewayStack, bearer, host_facts, panel_stub, seconds
 from tests.support import wait_until
 
 
@@ -311,3 +311,20 @@ def test_list_agents_pages(panel, admin, stack, channel) -> None:
 
     assert sorted(seen) == sorted(enrolled)
     assert response.total == 3
+
+
+def test_replacement_closes_old_agents_stream(stack, channel) -> None:
+    facts = {"machine_id": uuid.uuid4().hex, "hostname": "replaced.example.test"}
+    old = Agent.register(channel, stack.enrollment_token(), **facts)
+    session = old.open_session()
+    session.wait_settings()
+
+    agent_pb2_grpc.AgentServiceStub(channel).Register(
+        agent_pb2.RegisterRequest(enrollment_token=stack.enrollment_token(), facts=host_facts(**facts), replace=True),
+        timeout=10,
+    )
+    error = session.wait_ended(timeout=1.0)
+
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == "agent revoked"

@@ -47,7 +47,7 @@ def parse_command_id(text: str) -> uuid.UUID:
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    """Serves agents; one instance per gateway process."""
+    """AgentService handlers, one instance per gateway process."""
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
     async def revoke_replaced(self, agent_id: uuid.UUID) -> None:
-        """Close the stream of the agent that ``agent_id`` replaced, on whichever gateway holds it."""
+        """Close the stream of the agent that ``agent_id`` replaced, on whichever gateway has it open."""
         replaced = await self.runtime.db(agents.find_replaced_agent, agent_id)
         if replaced is not None:
             await self.router.publish_revocation(replaced.id)
@@ -125,13 +125,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             return
         session = AgentSession(caller.agent_id, peer=context.peer())
         with bind_context(session_id=session.session_id):
-            await self.router.claim_session(session)
-            logger.info(
-                "connected: agent %s (version %s)", caller.agent_id, hello.agent_version,
-                extra={"agent_version": hello.agent_version, "peer": session.peer},
-            )
             reader: asyncio.Task[None] | None = None
             try:
+                await self.router.claim_session(session)
+                logger.info(
+                    "connected: agent %s (version %s)", caller.agent_id, hello.agent_version,
+                    extra={"agent_version": hello.agent_version, "peer": session.peer},
+                )
                 await self.liveness.record(caller.agent_id)
                 await context.write(agent_pb2.ServerMessage(settings=self.session_settings()))
                 await self.router.deliver_pending(session)
@@ -173,7 +173,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await context.write(item)
 
     async def read_messages(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
-        """Handle the agent's messages; a bad message is logged and skipped, an outage ends the session."""
+        """Handle the agent's messages. A bad message is logged and skipped, and an outage ends the session."""
         while True:
             try:
                 message = await context.read()
@@ -250,7 +250,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             session.send(agent_pb2.ServerMessage(result_stored=agent_pb2.ResultStored(command_id=str(command_id))))
 
     async def end_session(self, session: AgentSession) -> None:
-        """Release the session key and record the last sign of life; errors are logged only."""
+        """Release the session key and record the last sign of life, logging errors without raising them."""
         try:
             await self.router.release_session(session)
             await self.liveness.record(session.agent_id)
@@ -263,6 +263,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def DownloadArtifact(
         self, request: agent_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext, caller: AgentCaller
     ) -> None:
-        # NOTE: releases are stored by the updater, which does not exist yet; until then every
-        # download is UNIMPLEMENTED so agents can tell it from a missing release (NOT_FOUND).
+        # NOTE: no release store exists yet, so every download is UNIMPLEMENTED. Agents can tell
+        # that apart from a missing release, which will get NOT_FOUND.
         raise Unimplemented("artifact download is not available on this manager version")

@@ -29,13 +29,13 @@ AUTHORIZATION_HEADER = "authorization"
 BEARER_PREFIX = "bearer "
 
 MAX_CREDENTIAL_LENGTH = 512
-"""Longest agent key or API token accepted; real ones are under 60 characters."""
+"""Maximum length of an accepted agent key or API token. Real ones are under 60 characters."""
 
 INVALID_AGENT_CREDENTIALS = "invalid agent credentials: re-enroll the agent with a new token"
 
 
 class RateLimited(RequestError):
-    """Too many failed calls from one peer; the caller must wait for the window to pass."""
+    """Too many failed calls from one peer, so the caller must wait for the window to pass."""
 
     grpc_code_name = "RESOURCE_EXHAUSTED"
 
@@ -191,7 +191,7 @@ class RegisterRateLimiter:
             )
 
     async def record_failure(self, host: str) -> None:
-        """Count one failure; the window starts with the first failure."""
+        """Count one failure. The window starts with the first failure."""
         key = register_failures_key(host)
         async with self.runtime.redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)

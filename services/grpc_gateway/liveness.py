@@ -25,7 +25,7 @@ from services.grpc_gateway.runtime import GatewayRuntime
 logger = logging.getLogger("agentmgr.grpc_gateway.liveness")
 
 RETENTION_SECONDS = 7 * 24 * 3600
-"""Age after which a last-seen entry is dropped from Redis; PostgreSQL keeps the time."""
+"""Age after which a last-seen entry is dropped from Redis. PostgreSQL keeps the time."""
 
 
 def as_datetime(unix_time: float) -> datetime.datetime:
@@ -52,7 +52,7 @@ class Liveness:
         return {agent_id: as_datetime(score) for agent_id, score in zip(ids, scores) if score is not None}
 
     async def flush(self) -> int:
-        """Write the last-seen times that changed since the previous flush; return rows updated."""
+        """Write the last-seen times that changed since the previous flush and return the rows updated."""
         started = time.time()
         since = self.flushed_until - self.runtime.settings.liveness_flush_seconds
         entries = await self.runtime.redis.zrangebyscore(LAST_SEEN_KEY, since, "+inf", withscores=True)
@@ -70,7 +70,7 @@ class Liveness:
         return updated
 
     async def run_flusher(self) -> None:
-        """Flush every AGENTMGR_LIVENESS_FLUSH_SECONDS until cancelled; failures are logged and retried."""
+        """Flush every AGENTMGR_LIVENESS_FLUSH_SECONDS until cancelled, logging and retrying failures."""
         interval = self.runtime.settings.liveness_flush_seconds
         failures = 0
         while True:

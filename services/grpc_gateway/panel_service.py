@@ -49,7 +49,11 @@ def page_request(page: common_pb2.PageRequest) -> PageRequest:
 
 
 def positive_seconds(message: object, field: str, *, default: float | None = None) -> float | None:
-    """Return a Duration field in seconds, ``default`` when unset; negative values are invalid."""
+    """Return a Duration field in seconds, or ``default`` when unset.
+
+    Raises:
+        InvalidArgument: the duration is negative.
+    """
     if not message.HasField(field):  # type: ignore[attr-defined]
         return default
     seconds = convert.seconds_of(getattr(message, field))
@@ -59,7 +63,7 @@ def positive_seconds(message: object, field: str, *, default: float | None = Non
 
 
 class PanelServicer(panel_pb2_grpc.PanelServiceServicer):
-    """Serves operators; one instance per gateway process."""
+    """PanelService handlers, one instance per gateway process."""
 
     def __init__(
         self,

@@ -1,8 +1,8 @@
 """Command routing and revocation between gateway processes over Redis.
 
-``agentmgr:session:{agent_id}`` names the gateway instance that holds the
-agent's stream. A stored command is published on that gateway's channel
-``agentmgr:gateway:{instance_id}``; the holder writes it to the stream. When
+``agentmgr:session:{agent_id}`` names the gateway instance that has the
+agent's stream open. A stored command is published on that gateway's channel
+``agentmgr:gateway:{instance_id}``, and that gateway writes it to the stream. When
 no gateway holds the stream, the command waits in PostgreSQL and is sent on
 the next connect. Revocations go to every gateway on ``agentmgr:revocations``.
 """
@@ -84,7 +84,7 @@ def take_one(connection: Any, command_id: uuid.UUID, agent_id: uuid.UUID) -> Com
 
 
 class Router:
-    """Publishes and receives routing messages; delivers commands to local sessions."""
+    """Publisher and receiver of routing messages, which delivers commands to local sessions."""
 
     def __init__(
         self,
@@ -108,7 +108,7 @@ class Router:
     # Publishing.
 
     async def publish_command(self, command: Command) -> None:
-        """Tell the gateway that holds the agent's stream, if any, to send ``command``."""
+        """Tell the gateway that has the agent's stream open, if any, to send ``command``."""
         holder = await self.runtime.redis.get(session_key(command.agent_id))
         if holder is None:
             logger.info("queued: command %s (agent not connected)", command.id, extra={"command_id": str(command.id)})
@@ -148,14 +148,14 @@ class Router:
         )
 
     async def release_session(self, session: AgentSession) -> None:
-        """Forget the session; clear the key unless a newer session of the agent took over."""
+        """Forget the session, and clear the key unless a newer session of the agent took over."""
         if self.sessions.remove(session):
             await self.runtime.redis.eval(_DELETE_IF_HOLDER, 1, session_key(session.agent_id), self.runtime.instance_id)
 
     # Delivery to local sessions.
 
     async def deliver_pending(self, session: AgentSession) -> int:
-        """Send every queued or sent, unexpired command of the agent; return how many were sent."""
+        """Send every queued or sent, unexpired command of the agent and return how many were sent."""
         pending = await self.runtime.db(take_pending, session.agent_id)
         sent = 0
         for command in pending:
@@ -224,7 +224,7 @@ class Router:
                 logger.debug("failed: closing the routing subscription (%s)", error)
 
     def handle(self, message: dict[str, Any]) -> None:
-        """Act on one pub/sub message; a malformed one is logged and dropped."""
+        """Act on one pub/sub message. A malformed one is logged and dropped."""
         channel = message["channel"].decode()
         try:
             payload = json.loads(message["data"])
@@ -254,7 +254,7 @@ class Router:
     def on_command(self, agent_id: uuid.UUID, command_id: uuid.UUID) -> None:
         session = self.sessions.get(agent_id)
         if session is None:
-            # The agent left; the command is sent from PostgreSQL when it reconnects.
+            # The agent left, so the command is sent from PostgreSQL when it reconnects.
             return
         self._spawn(self._deliver_logged(session, command_id), agent_id=str(agent_id), command_id=str(command_id))
 

@@ -96,7 +96,7 @@ def panel_rpc(role: ApiRole) -> Callable[[Handler], Handler]:
 
 
 def enrollment_rpc(handler: Handler) -> Handler:
-    """Wrap ``Register``, whose credential is the enrollment token in the request; passes None."""
+    """Wrap ``Register``, whose credential is the enrollment token in the request. Passes None as caller."""
 
     async def authenticate(servicer: Any, context: grpc.aio.ServicerContext) -> None:
         return None

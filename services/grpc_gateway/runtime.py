@@ -28,7 +28,7 @@ def new_instance_id() -> str:
 
 @dataclasses.dataclass(kw_only=True)
 class GatewayRuntime:
-    """What every servicer and background task of one gateway process uses."""
+    """Resources shared by every servicer and background task of one gateway process."""
 
     settings: Settings
     database: Database
@@ -76,6 +76,6 @@ class GatewayRuntime:
         return await asyncio.to_thread(run)
 
     async def close(self) -> None:
-        """Close the Redis client and the PostgreSQL pool; safe to call twice."""
+        """Close the Redis client and the PostgreSQL pool. Safe to call twice."""
         await self.redis.aclose()
         await asyncio.to_thread(self.database.close)

@@ -5,10 +5,10 @@ Signal handlers only set flags: the first SIGTERM or SIGINT starts a graceful
 drain (health NOT_SERVING, then ``server.stop(grace)``), a second one cancels
 the RPCs still running.
 
-Callers extend the lifecycle with ``prepare`` hooks (awaited before the server
-starts), ``background`` tasks (started with the server, cancelled after it
-stops) and ``drain`` hooks (awaited before ``server.stop``, for example to close
-long-lived streams so that their peers reconnect to another gateway).
+Callers extend the lifecycle with three kinds of hooks. ``prepare`` hooks run
+before the server starts. ``background`` tasks start with the server and are
+cancelled after it stops. ``drain`` hooks run before ``server.stop``, for
+example to close long-lived streams so that their peers reconnect elsewhere.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ Hook = Callable[[], Awaitable[None]]
 """An async callable without arguments: a prepare or drain step, or a background task's body."""
 
 MIN_CLIENT_PING_INTERVAL_SECONDS = 10.0
-"""Shortest interval between keepalive pings from a client; faster pingers get GOAWAY."""
+"""Minimum interval between keepalive pings from a client. Faster clients get GOAWAY."""
 
 BACKGROUND_STOP_SECONDS = 5.0
 """Time cancelled background tasks get to finish their cleanup at shutdown."""
@@ -158,7 +158,7 @@ class Gateway:
         for hook in self.drain:
             try:
                 await hook()
-            except Exception:  # noqa: BLE001 - shutdown goes on; the log has the cause
+            except Exception:  # noqa: BLE001 - shutdown goes on, and the log has the cause
                 logger.exception("failed: drain step %s", getattr(hook, "__qualname__", hook))
 
         # Give in-flight calls the grace period; a second signal cuts it short.
@@ -178,7 +178,7 @@ class Gateway:
         logger.info("stopped: gateway")
 
     async def stop_background(self) -> None:
-        """Cancel the background tasks and wait a bounded time for them; safe to call twice."""
+        """Cancel the background tasks and wait a bounded time for them. Safe to call twice."""
         tasks, self.background_tasks = self.background_tasks, []
         if not tasks:
             return

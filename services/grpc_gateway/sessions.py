@@ -1,8 +1,8 @@
 """Live agent streams held by this gateway process, one per agent.
 
-A session's handler writes what it takes from ``outbox``; anything in the
-process (command routing, revocation, a newer session, shutdown) talks to the
-agent by putting a message there, or ends the stream with ``close``.
+A session's handler writes what it takes from ``outbox`` to the stream. Other
+parts of the process (command routing, revocation, a newer session, shutdown)
+send to the agent by putting a message there, or end the stream with ``close``.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ class AgentSession:
         self.peer = peer
         self.session_id = uuid.uuid4().hex
         self.started_at = time.time()
-        """Unix time the session started; another gateway compares it when superseding."""
+        """Unix time the session started, which another gateway compares when superseding."""
         self.outbox: asyncio.Queue[agent_pb2.ServerMessage | CloseRequest] = asyncio.Queue(OUTBOX_MAX_MESSAGES + 1)
         self.delivered_command_ids: set[uuid.UUID] = set()
         """Commands written to this stream, so a routed command and the reconnect scan never send one twice."""
         self.closing: CloseRequest | None = None
 
     def send(self, message: agent_pb2.ServerMessage) -> None:
-        """Queue ``message`` for the agent; a full outbox ends the session with RESOURCE_EXHAUSTED."""
+        """Queue ``message`` for the agent. A full outbox ends the session with RESOURCE_EXHAUSTED."""
         if self.closing is not None:
             return
         if self.outbox.qsize() >= OUTBOX_MAX_MESSAGES:
@@ -62,7 +62,7 @@ class AgentSession:
         self.outbox.put_nowait(message)
 
     def close(self, code: grpc.StatusCode, details: str) -> None:
-        """Ask the handler to end the stream with ``code``; later calls are ignored."""
+        """Ask the handler to end the stream with ``code``. Later calls are ignored."""
         if self.closing is not None:
             return
         self.closing = CloseRequest(code, details)
@@ -70,7 +70,7 @@ class AgentSession:
 
 
 class SessionRegistry:
-    """The sessions of this process by agent id; only the event loop thread uses it."""
+    """Sessions of this process by agent id, used only from the event loop thread."""
 
     def __init__(self) -> None:
         self._sessions: dict[uuid.UUID, AgentSession] = {}
@@ -96,7 +96,7 @@ class SessionRegistry:
             older.close(grpc.StatusCode.ABORTED, SUPERSEDED_DETAILS)
 
     def remove(self, session: AgentSession) -> bool:
-        """Forget ``session`` if it is still the agent's current one; return whether it was."""
+        """Forget ``session`` if it is still the agent's current one, and return whether it was."""
         if self._sessions.get(session.agent_id) is session:
             del self._sessions[session.agent_id]
             return True
@@ -113,7 +113,7 @@ class SessionRegistry:
         return True
 
     def close_all(self, code: grpc.StatusCode, details: str) -> int:
-        """Close every session; return how many there were."""
+        """Close every session and return how many there were."""
         sessions = list(self._sessions.values())
         for session in sessions:
             session.close(code, details)
