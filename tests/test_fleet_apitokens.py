@@ -94,29 +94,29 @@ def test_require_role_order(database):
     roles = [ApiRole.VIEWER, ApiRole.OPERATOR, ApiRole.ADMIN]
     tokens = {role: create(database, name=role.value, role=role)[0] for role in roles}
 
-    for held in roles:
+    for held_role in roles:
         for needed in roles:
-            if held.rank >= needed.rank:
-                apitokens.require_role(tokens[held], needed)
+            if held_role.rank >= needed.rank:
+                apitokens.require_role(tokens[held_role], needed)
             else:
                 with pytest.raises(PermissionDenied) as raised:
-                    apitokens.require_role(tokens[held], needed)
+                    apitokens.require_role(tokens[held_role], needed)
                 assert needed.value in str(raised.value)
                 assert raised.value.grpc_code_name == "PERMISSION_DENIED"
 
 
 def test_revoke_and_list(database):
-    kept, _ = create(database, name="kept")
-    gone, _ = create(database, name="gone")
+    active_token, _ = create(database, name="active_token")
+    revoked_token, _ = create(database, name="revoked_token")
 
     with database.transaction() as conn:
-        apitokens.revoke_api_token(conn, gone.id, actor="root")
+        apitokens.revoke_api_token(conn, revoked_token.id, actor="root")
         active = apitokens.list_api_tokens(conn, page=PageRequest())
         every = apitokens.list_api_tokens(conn, include_revoked=True, page=PageRequest(sort="name"))
         with pytest.raises(InvalidState):
-            apitokens.revoke_api_token(conn, gone.id, actor="root")
+            apitokens.revoke_api_token(conn, revoked_token.id, actor="root")
         with pytest.raises(NotFound):
             apitokens.revoke_api_token(conn, uuid.uuid4(), actor="root")
 
-    assert [t.id for t in active.items] == [kept.id]
-    assert [t.name for t in every.items] == ["gone", "kept"]
+    assert [t.id for t in active.items] == [active_token.id]
+    assert [t.name for t in every.items] == ["active_token", "revoked_token"]

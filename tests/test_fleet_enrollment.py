@@ -178,18 +178,18 @@ def test_revoke_unknown_token(database):
 
 
 def test_list_hides_revoked_by_default(database):
-    kept, _ = create(database, description="kept")
-    gone, _ = create(database, description="gone")
+    active_token, _ = create(database, description="active_token")
+    revoked_token, _ = create(database, description="revoked_token")
     with database.transaction() as conn:
-        enrollment.revoke_token(conn, gone.id, actor="carol")
+        enrollment.revoke_token(conn, revoked_token.id, actor="carol")
 
     with database.transaction() as conn:
         active = enrollment.list_tokens(conn, page=PageRequest())
         every = enrollment.list_tokens(conn, include_revoked=True, page=PageRequest(sort="description"))
 
-    assert [t.id for t in active.items] == [kept.id]
+    assert [t.id for t in active.items] == [active_token.id]
     assert active.total == 1
-    assert [t.description for t in every.items] == ["gone", "kept"]
+    assert [t.description for t in every.items] == ["active_token", "revoked_token"]
 
 
 def test_get_token_returns_row(database):

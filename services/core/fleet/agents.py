@@ -77,7 +77,7 @@ _UNKNOWN_AGENT_DIGEST = credentials.hash_secret("unknown agent")
 
 @dataclasses.dataclass(frozen=True)
 class HostFacts:
-    """What an agent reports about its host when it registers."""
+    """Facts about its host that an agent reports when it registers."""
 
     hostname: str
     machine_id: str

@@ -183,7 +183,7 @@ def consume_token(
 
     Raises:
         Unauthenticated: no token has this secret.
-        FailedPrecondition: the token is revoked, expired or exhausted; the message says which.
+        FailedPrecondition: the token is revoked, expired or exhausted, and the message names which.
     """
     now = now or utc_now()
     with conn.cursor(cursor_factory=RealDictCursor) as cursor:

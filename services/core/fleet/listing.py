@@ -33,7 +33,7 @@ PAGE_TOKEN_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class PageRequest:
-    """Which page of a listing to return, and in which order."""
+    """Position, size and sort order of one requested page of a listing."""
 
     page_size: int = DEFAULT_PAGE_SIZE
     """Rows per page, 1 to 500; 0 means the default of 50."""
@@ -105,7 +105,7 @@ class SortField:
 
 @dataclasses.dataclass(frozen=True)
 class ListingSpec:
-    """How one entity is listed: its table, row id and allowed sort fields."""
+    """Listing settings of one entity: its table, row id and allowed sort fields."""
 
     entity: str
     """Plural name used in error messages, such as ``agents``."""
@@ -169,7 +169,7 @@ def fetch_page(
 ) -> tuple[list[dict[str, Any]], str, int]:
     """Run a listing query and return its rows, the next page token and the total count.
 
-    ``where`` holds SQL conditions with ``%s`` placeholders, all joined with
+    ``where`` contains SQL conditions with ``%s`` placeholders, all joined with
     AND; ``parameters`` are their values in order. Only allow-listed names and
     fixed SQL from the fleet modules may appear in ``where``.
 

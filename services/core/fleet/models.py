@@ -79,7 +79,7 @@ _ROLE_RANKS = {ApiRole.VIEWER: 0, ApiRole.OPERATOR: 1, ApiRole.ADMIN: 2}
 
 
 class TokenState(str, enum.Enum):
-    """Whether an enrollment token still admits agents, and if not, why."""
+    """State of an enrollment token: active, or the reason it no longer admits agents."""
 
     ACTIVE = "active"
     EXPIRED = "expired"
