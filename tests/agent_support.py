@@ -40,7 +40,9 @@ GATEWAY_SETTINGS = {
     "AGENTMGR_OFFLINE_AFTER_SECONDS": "10",
     "AGENTMGR_LIVENESS_FLUSH_SECONDS": "0.5",
     "AGENTMGR_GRPC_SHUTDOWN_GRACE_SECONDS": "1",
+    "AGENTMGR_COMMAND_OUTPUT_MAX_BYTES": "4096",
 }
+OUTPUT_CAP_BYTES = 4096
 
 # Settings of every test agent: fast reconnects, a short kill grace, no inherited folders.
 AGENT_SETTINGS = {
