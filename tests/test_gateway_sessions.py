@@ -328,3 +328,19 @@ def test_replacement_closes_old_agents_stream(stack, channel) -> None:
     assert error is not None
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error.details() == "agent revoked"
+
+
+def test_resubscribe_closes_revoked_agents_stream(agent, stack, gateway) -> None:
+    session = agent.open_session()
+    session.wait_settings()
+
+    # Revoke without publishing, then drop the gateway's subscription: the revocation
+    # message is lost, so only the resynchronisation after resubscribing can find it.
+    stack.run(fleet_agents.revoke_agent, uuid.UUID(agent.agent_id), actor="test")
+    stack.redis.client_kill_filter(_type="pubsub")
+    error = session.wait_ended(timeout=10)
+
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    messages = [record["message"] for record in gateway.log_records()]
+    assert any(message.startswith("failed: routing subscription") for message in messages)

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import redis.exceptions
 
-from services.core.fleet import commands
+from services.core.fleet import agents, commands
 from services.core.fleet.models import UNSTARTED_STATES, Command, utc_now
 from services.core.logs import bind_context
 from services.grpc_gateway import convert
@@ -235,12 +235,8 @@ class Router:
             elif payload.get("kind") == "command":
                 self.on_command(uuid.UUID(payload["agent_id"]), uuid.UUID(payload["command_id"]))
             elif payload.get("kind") == "supersede":
-                self.sessions.close_agent(
-                    uuid.UUID(payload["agent_id"]),
-                    grpc.StatusCode.ABORTED,
-                    SUPERSEDED_DETAILS,
-                    started_before=float(payload["started_at"]),
-                )
+                agent_id = uuid.UUID(payload["agent_id"])
+                self._spawn(self.on_supersede(agent_id), agent_id=str(agent_id))
             else:
                 raise ValueError(f"unknown kind {payload.get('kind')!r}")
         except (ValueError, KeyError, TypeError, AttributeError) as error:
@@ -251,6 +247,24 @@ class Router:
         if self.sessions.close_agent(agent_id, grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS):
             logger.info("closed: session of revoked agent %s", agent_id, extra={"agent_id": str(agent_id)})
 
+    async def on_supersede(self, agent_id: uuid.UUID) -> None:
+        """Close the local session of an agent that connected to another gateway.
+
+        The session key decides, not the clocks of two hosts. If the key names this
+        gateway again, the local session is newer than the one that sent the message.
+        """
+        session = self.sessions.get(agent_id)
+        if session is None:
+            return
+        try:
+            holder = await self.runtime.redis.get(session_key(agent_id))
+        except redis.exceptions.RedisError as error:
+            logger.warning("failed: reading the session key (%s; closing the local session)", error)
+            holder = None
+        if holder is not None and holder.decode() == self.runtime.instance_id and self.sessions.get(agent_id) is session:
+            return
+        session.close(grpc.StatusCode.ABORTED, SUPERSEDED_DETAILS)
+
     def on_command(self, agent_id: uuid.UUID, command_id: uuid.UUID) -> None:
         session = self.sessions.get(agent_id)
         if session is None:
@@ -259,8 +273,9 @@ class Router:
         self._spawn(self._deliver_logged(session, command_id), agent_id=str(agent_id), command_id=str(command_id))
 
     async def redeliver_all(self) -> None:
+        """Resynchronise every local session after messages may have been lost in a Redis outage."""
         for session in self.sessions.all():
-            self._spawn(self._deliver_pending_logged(session), agent_id=str(session.agent_id))
+            self._spawn(self._resync(session), agent_id=str(session.agent_id))
 
     async def _deliver_logged(self, session: AgentSession, command_id: uuid.UUID) -> None:
         try:
@@ -272,11 +287,16 @@ class Router:
                 extra={"error_type": type(error).__name__},
             )
 
-    async def _deliver_pending_logged(self, session: AgentSession) -> None:
+    async def _resync(self, session: AgentSession) -> None:
+        """Close the session if its agent was revoked meanwhile, else send its pending commands."""
         try:
+            agent = await self.runtime.db(agents.get_agent, session.agent_id)
+            if agent.revoked_at is not None:
+                self.on_revocation(session.agent_id)
+                return
             await self.deliver_pending(session)
         except Exception as error:  # noqa: BLE001 - the agent gets them on reconnect
-            logger.warning("failed: sending pending commands (%s)", error, extra={"error_type": type(error).__name__})
+            logger.warning("failed: resynchronising the session (%s)", error, extra={"error_type": type(error).__name__})
 
     def _spawn(self, coroutine: Any, **ids: str) -> None:
         with bind_context(**ids):

@@ -43,7 +43,7 @@ class AgentSession:
         self.peer = peer
         self.session_id = uuid.uuid4().hex
         self.started_at = time.time()
-        """Unix time the session started, which another gateway compares when superseding."""
+        """Unix time the session started, sent in supersede messages for diagnostics."""
         self.outbox: asyncio.Queue[agent_pb2.ServerMessage | CloseRequest] = asyncio.Queue(OUTBOX_MAX_MESSAGES + 1)
         self.delivered_command_ids: set[uuid.UUID] = set()
         """Commands written to this stream, so a routed command and the reconnect scan never send one twice."""
@@ -102,12 +102,10 @@ class SessionRegistry:
             return True
         return False
 
-    def close_agent(self, agent_id: uuid.UUID, code: grpc.StatusCode, details: str, *, started_before: float | None = None) -> bool:
-        """Close the agent's session (only one that started before ``started_before``, if given)."""
+    def close_agent(self, agent_id: uuid.UUID, code: grpc.StatusCode, details: str) -> bool:
+        """Close the agent's session, if this process has one, and return whether it had."""
         session = self._sessions.get(agent_id)
         if session is None:
-            return False
-        if started_before is not None and session.started_at >= started_before:
             return False
         session.close(code, details)
         return True
