@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import threading
 import uuid
 
 import pytest
@@ -21,6 +22,7 @@ from services.core.fleet import agents, commands, enrollment
 from services.core.fleet.agents import HostFacts, LivenessThresholds
 from services.core.fleet.models import AgentStatus, CommandState
 from tests.fleet_support import count_rows, database, fleet_template, fleet_url  # noqa: F401 - fixtures
+from tests.support import wait_until
 
 UTC = datetime.timezone.utc
 THRESHOLDS = LivenessThresholds(offline_after_seconds=90)
@@ -344,3 +346,91 @@ def test_derive_status():
     assert status(dataclasses.replace(base, last_seen_at=old), live_seen_at=recent) is AgentStatus.ONLINE
     assert status(base, live_seen_at=old) is AgentStatus.OFFLINE
     assert status(dataclasses.replace(base, last_seen_at=recent, revoked_at=old)) is AgentStatus.REVOKED
+
+
+def run_in_threads(count: int, work) -> list[object]:
+    """Run ``work(index)`` in ``count`` threads at once; return each result or raised error."""
+    barrier = threading.Barrier(count)
+    outcomes: list[object] = [None] * count
+
+    def target(index: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            outcomes[index] = work(index)
+        except Exception as error:  # noqa: BLE001 - the test inspects every outcome
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=target, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return outcomes
+
+
+def test_concurrent_registrations_respect_max_uses(database):
+    secret = new_token(database, max_uses=3)
+
+    outcomes = run_in_threads(
+        8, lambda index: register(database, secret, dataclasses.replace(FACTS, machine_id=f"machine-race-{index:02d}"))
+    )
+
+    registered = [outcome for outcome in outcomes if isinstance(outcome, tuple)]
+    rejected = [outcome for outcome in outcomes if isinstance(outcome, FailedPrecondition)]
+    assert len(registered) == 3
+    assert len(rejected) == 5
+    assert token_uses(database) == [3]
+    assert count_rows(database, "agents") == 3
+
+
+def test_concurrent_same_machine_one_wins(database):
+    secrets = [new_token(database) for _ in range(4)]
+
+    outcomes = run_in_threads(4, lambda index: register(database, secrets[index]))
+
+    registered = [outcome for outcome in outcomes if isinstance(outcome, tuple)]
+    rejected = [outcome for outcome in outcomes if isinstance(outcome, AlreadyExists)]
+    assert len(registered) == 1
+    assert len(rejected) == 3
+    assert count_rows(database, "agents") == 1
+    assert sorted(token_uses(database)) == [0, 0, 0, 1]
+
+
+def test_same_machine_insert_race_already_exists(database, fleet_url):
+    first_secret, second_secret = new_token(database), new_token(database)
+    outcome: list[object] = []
+
+    def second_registration() -> None:
+        try:
+            outcome.append(register(database, second_secret))
+        except Exception as error:  # noqa: BLE001 - inspected below
+            outcome.append(error)
+
+    with database.transaction() as conn:
+        agents.register_agent(conn, token_secret=first_secret, facts=FACTS)
+        # The second registration finds no committed agent for the machine, so it
+        # reaches the INSERT and waits there on the unique index until this commits.
+        thread = threading.Thread(target=second_registration)
+        thread.start()
+        wait_until(lambda: blocked_on_lock(fleet_url), timeout=30, what="the second INSERT to wait on a lock")
+    thread.join(timeout=30)
+
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], AlreadyExists)
+    assert count_rows(database, "agents") == 1
+    assert sorted(token_uses(database)) == [0, 1]
+
+
+def blocked_on_lock(url: str) -> bool:
+    import psycopg2
+
+    connection = psycopg2.connect(url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO agents%%'"
+            )
+            return cursor.fetchone()[0] == 1
+    finally:
+        connection.close()

@@ -305,6 +305,8 @@ def list_agents(
         parameters.append(Json(validate_labels(filters.label, "label")))
     if filters.hostname_contains:
         validate_text(filters.hostname_contains, "hostname_contains", HOSTNAME_MAX_LENGTH)
+        # NOTE: no index serves a substring match, so this scans the agents table; a pg_trgm
+        # GIN index on hostname would remove the scan for large fleets.
         where.append(sql.SQL("hostname ILIKE '%%' || %s || '%%'"))
         parameters.append(escape_like(filters.hostname_contains))
 
