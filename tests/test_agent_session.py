@@ -194,5 +194,28 @@ def test_revoked_agent_exits_with_its_code(gateway: GatewayProcess, host: AgentH
     assert host.status()["connection_state"] == "revoked"
 
 
+def test_agent_restart_reports_interrupted_command(
+    gateway: GatewayProcess, host: AgentHost, panel: Panel, database_url: str, tmp_path: Path
+) -> None:
+    agent_id = start_agent(gateway, host, database_url)
+    counter = tmp_path / "runs.txt"
+    pid_file = tmp_path / "child.pid"
+    command = panel.run_command(
+        agent_id, f"echo run >> {counter}; sleep 300 & echo $! > {pid_file}; wait", timeout_seconds=600
+    )
+    wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=20, what="the command to start")
+
+    assert host.stop() == 0
+    child = int(pid_file.read_text())
+    wait_until(lambda: process_gone(child), timeout=10, what="the command's child to be killed with the agent")
+    host.start()
+    host.wait_connected()
+    command = panel.wait_final(command.id)
+
+    assert state_name(command) == "COMMAND_STATE_FAILED"
+    assert command.error.startswith("interrupted")
+    assert counter.read_text() == "run\n"
+
+
 def panel_token(panel: Panel) -> str:
     return dict(panel.metadata)["authorization"].removeprefix("Bearer ")
