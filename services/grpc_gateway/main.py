@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from services.core.program import run_program
+from services.core.redis_client import wait_for_redis
 from services.core.settings import Settings
 from services.core.startup import verify_schema
 from services.core.tls import load_tls_material
@@ -15,8 +16,9 @@ SERVICE = "grpc_gateway"
 
 
 def run(settings: Settings) -> int:
-    """Check the schema and TLS files, then serve until a stop signal."""
+    """Check the schema, Redis and the TLS files, then serve until a stop signal."""
     verify_schema(settings, SERVICE)
+    wait_for_redis(settings.redis_url, timeout_seconds=settings.db_wait_seconds).close()
     tls = load_tls_material(settings)
     asyncio.run(serve(settings, tls))
     return 0
