@@ -114,7 +114,7 @@ class Gateway:
         )
 
         # TLS listener.
-        credentials = grpc.ssl_server_credentials([(self.tls.private_key, self.tls.certificate_chain)])
+        credentials = grpc.ssl_server_credentials([(self.tls.private_key, served_chain(self.tls))])
         address = self.settings.grpc_address
         try:
             self.port = self.server.add_secure_port(address, credentials)
@@ -193,6 +193,19 @@ class Gateway:
             f", {len(pending)} still running after {BACKGROUND_STOP_SECONDS:g}s" if pending else "",
             extra={"tasks": len(tasks), "still_running": len(pending)},
         )
+
+
+def served_chain(tls: TLSMaterial) -> bytes:
+    """Return the server certificate chain with the CA certificate at its end.
+
+    Agents pin the CA by fingerprint on first contact, reading it from the
+    handshake, so the CA must be sent even though clients that already trust it
+    do not need it (RFC 5246, section 7.4.2, lets a server send or omit the root).
+    """
+    chain = tls.certificate_chain
+    if tls.ca_certificate.strip() in chain:
+        return chain
+    return chain.rstrip(b"\n") + b"\n" + tls.ca_certificate
 
 
 def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
