@@ -3,7 +3,7 @@
 ``agentmgr:session:{agent_id}`` names the gateway instance that has the
 agent's stream open. A stored command is published on that gateway's channel
 ``agentmgr:gateway:{instance_id}``, and that gateway writes it to the stream. When
-no gateway holds the stream, the command waits in PostgreSQL and is sent on
+no gateway has the stream open, the command waits in PostgreSQL and is sent on
 the next connect. Revocations go to every gateway on ``agentmgr:revocations``.
 """
 

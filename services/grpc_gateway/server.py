@@ -198,9 +198,9 @@ class Gateway:
 def served_chain(tls: TLSMaterial) -> bytes:
     """Return the server certificate chain with the CA certificate at its end.
 
-    Agents pin the CA by fingerprint on first contact, reading it from the
-    handshake, so the CA must be sent even though clients that already trust it
-    do not need it (RFC 5246, section 7.4.2, lets a server send or omit the root).
+    Agents pin the CA by fingerprint on first contact and read it from the
+    handshake, so the gateway sends it. TLS lets a server send the trust anchor
+    or omit it (RFC 8446, section 4.4.2), and clients that already trust the CA ignore it.
     """
     chain = tls.certificate_chain
     if tls.ca_certificate.strip() in chain:
