@@ -154,6 +154,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if message.WhichOneof("body") != "hello":
             raise InvalidArgument("hello", "the first message of a session must be hello")
         if message.hello.HasField("facts"):
+            # NOTE: the facts are only validated. The fleet layer has no function yet to store
+            # them, so a changed agent_version or address shows only after a new Register.
             agents.validate_host_facts(convert.host_facts_from_proto(message.hello.facts))
         return message.hello
 

@@ -31,6 +31,8 @@ logger = logging.getLogger("agentmgr.grpc_gateway.routing")
 
 RECONNECT_DELAY_SECONDS = 0.5
 RECONNECT_DELAY_MAX_SECONDS = 5.0
+REVOCATION_RETRY_SECONDS = 60.0
+"""How long a gateway retries publishing a revocation while Redis fails."""
 
 # Extend or delete the session key only while it still names this gateway.
 _EXPIRE_IF_HOLDER = """
@@ -108,19 +110,58 @@ class Router:
     # Publishing.
 
     async def publish_command(self, command: Command) -> None:
-        """Tell the gateway that has the agent's stream open, if any, to send ``command``."""
-        holder = await self.runtime.redis.get(session_key(command.agent_id))
-        if holder is None:
-            logger.info("queued: command %s (agent not connected)", command.id, extra={"command_id": str(command.id)})
-            return
-        message = {"kind": "command", "agent_id": str(command.agent_id), "command_id": str(command.id)}
-        await self.runtime.redis.publish(gateway_channel(holder.decode()), json.dumps(message))
+        """Tell the gateway that has the agent's stream open, if any, to send ``command``.
+
+        The command is already stored, so a Redis failure is logged and not raised:
+        the agent gets the command on its next connect instead.
+        """
+        try:
+            holder = await self.runtime.redis.get(session_key(command.agent_id))
+            if holder is None:
+                logger.info("queued: command %s (agent not connected)", command.id)
+                return
+            message = {"kind": "command", "agent_id": str(command.agent_id), "command_id": str(command.id)}
+            await self.runtime.redis.publish(gateway_channel(holder.decode()), json.dumps(message))
+        except redis.exceptions.RedisError as error:
+            logger.warning(
+                "failed: routing command %s (%s; it is sent when the agent reconnects)", command.id, error,
+                extra={"error_type": type(error).__name__},
+            )
 
     async def publish_revocation(self, agent_id: uuid.UUID) -> None:
-        """Drop the agent's cached key here and tell every gateway to close its stream."""
+        """Drop the agent's cached key here and tell every gateway to close its stream.
+
+        The revocation is already stored, so when Redis fails the publish is retried in
+        the background for up to REVOCATION_RETRY_SECONDS instead of failing the call.
+        """
         self.authenticator.agent_keys.drop(agent_id)
         self.sessions.close_agent(agent_id, grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
-        await self.runtime.redis.publish(REVOCATIONS_CHANNEL, json.dumps({"agent_id": str(agent_id)}))
+        try:
+            await self.runtime.redis.publish(REVOCATIONS_CHANNEL, json.dumps({"agent_id": str(agent_id)}))
+        except redis.exceptions.RedisError as error:
+            logger.warning(
+                "failed: publishing revocation of agent %s (%s; retrying in the background)", agent_id, error,
+                extra={"error_type": type(error).__name__},
+            )
+            self._spawn(self._retry_revocation(agent_id), agent_id=str(agent_id))
+
+    async def _retry_revocation(self, agent_id: uuid.UUID) -> None:
+        delay = RECONNECT_DELAY_SECONDS
+        deadline = asyncio.get_running_loop().time() + REVOCATION_RETRY_SECONDS
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await self.runtime.redis.publish(REVOCATIONS_CHANNEL, json.dumps({"agent_id": str(agent_id)}))
+            except redis.exceptions.RedisError:
+                delay = min(delay * 2, RECONNECT_DELAY_MAX_SECONDS)
+                continue
+            logger.info("published: revocation of agent %s after a retry", agent_id)
+            return
+        # Gateways still close the stream when their subscription comes back (see ``_resync``).
+        logger.error(
+            "failed: publishing revocation of agent %s for %.0fs; other gateways may keep its stream open "
+            "until it reconnects", agent_id, REVOCATION_RETRY_SECONDS,
+        )
 
     async def publish_finished(self, command_id: uuid.UUID) -> None:
         await self.runtime.redis.publish(COMMAND_FINISHED_CHANNEL, json.dumps({"command_id": str(command_id)}))
