@@ -1,7 +1,7 @@
 """``agentmgr-agent``: install, run, status and uninstall the endpoint agent.
 
-Exit statuses are listed in ``agent.errors.ExitCode``; every failure prints
-one line to stderr that says what failed and what to do.
+Exit statuses are listed in ``agent.errors.ExitCode``. Every failure prints
+one line to stderr with what failed and what to do next.
 """
 
 from __future__ import annotations
@@ -178,9 +178,9 @@ def run_uninstall(settings: AgentSettings, arguments: argparse.Namespace) -> int
         StatusFile(settings.state_dir).remove()
     logger.info("uninstalled: agent %s (%d file(s) removed)", config.agent_id, len(removed), extra={"agent_id": config.agent_id})
     print(f"removed: config and key of agent {config.agent_id} from {settings.config_dir}")
-    # NOTE: AgentService has no call for an agent to unregister itself, so the manager is not told.
+    # NOTE: AgentService has no call for an agent to unregister itself, so the manager is not notified.
     print(
-        f"The manager was not told: it has no call for an agent to unregister, so agent {config.agent_id} stays "
+        f"The manager was not notified because it has no call for an agent to unregister, so agent {config.agent_id} stays "
         "listed there (offline). An operator deletes it with the panel's DeleteAgent to revoke its key.",
         file=sys.stderr,
     )

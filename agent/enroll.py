@@ -159,7 +159,7 @@ def register(request: InstallRequest, ca_pem: bytes, facts: common_pb2.HostFacts
     """Call Register over TLS pinned to ``ca_pem``.
 
     Raises:
-        UnreachableError: the call failed before the manager answered.
+        UnreachableError: the call failed without a reply from the manager.
         RejectedError: the manager rejected the request; the message carries its reason.
     """
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)

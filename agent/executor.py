@@ -28,7 +28,7 @@ PIPE_CLOSE_WAIT_SECONDS = 5.0
 
 @dataclasses.dataclass(frozen=True)
 class Execution:
-    """What a command did; ``exit_code`` is None when it did not exit on its own."""
+    """Outcome of one command; ``exit_code`` is None when it did not exit on its own."""
 
     exit_code: int | None
     stdout: bytes
@@ -127,7 +127,7 @@ async def execute(
         try:
             await asyncio.wait_for(finished, timeout=PIPE_CLOSE_WAIT_SECONDS)
         except asyncio.TimeoutError:
-            # A child that left the group (setsid) still holds the pipes: stop reading them.
+            # A child that left the group (setsid) keeps the pipes open, so stop reading them.
             logger.warning("abandoned: output of a process that left the command's process group %d", process_group)
             await process.wait()
     except asyncio.CancelledError:

@@ -5,7 +5,7 @@ at each step, so a crash at any point leaves a consistent entry:
 
 - ``started``: written (and fsynced) before the process starts. An entry
   still ``started`` when the agent starts again means the agent died during
-  the run; the command is reported as interrupted and never run again.
+  the run. The command is then reported as interrupted and never run again.
 - ``finished``: the result is stored here until the manager confirms it with
   ResultStored; it is resent after every reconnect until then.
 - ``stored``: the manager has the result; the entry stays only so the id is
@@ -68,7 +68,7 @@ class Journal:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
-            # A torn write cannot happen (writes are atomic), so this is outside damage.
+            # Writes are atomic, so an unreadable entry means damage from outside the agent.
             logger.warning("skipped: unreadable journal entry %s (%s)", path.name, error)
             return None
 

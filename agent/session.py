@@ -1,10 +1,11 @@
 """The run loop: one session stream to the manager at a time, reconnecting with backoff, and the
 commands it delivers.
 
-Why grpc.aio and not threads: the stream reader, the heartbeat timer and every
-running command are coroutines on one event loop, so they share the journal
-and the current stream without locks, and stopping is a cancellation that
-reaches each of them (a cancelled command kills its process group).
+The agent uses grpc.aio rather than threads. The stream reader, the heartbeat
+timer and every running command are coroutines on one event loop, so they
+share the journal and the current stream without locks. Stopping is one
+cancellation that reaches each of them, and a cancelled command kills its
+process group.
 
 ``AgentRunner.serve()`` runs ``startup()``, ``main_loop()`` and ``shutdown()``.
 Signal handlers only set ``should_exit``. Commands outlive a lost session:
@@ -48,7 +49,7 @@ KEEPALIVE_TIME_SECONDS = 30.0
 """Interval of HTTP/2 keepalive pings; the gateway rejects pings more often than every 10 s."""
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
 SETTINGS_TIMEOUT_SECONDS = 30.0
-"""Time the gateway has to answer a new session with SessionSettings."""
+"""Time the gateway has to send SessionSettings on a new session."""
 FALLBACK_TIMEOUT_SECONDS = 3600.0
 """Timeout of a command whose request carries none (the gateway always sets one)."""
 FAILURE_SUMMARY_EVERY = 20
@@ -252,7 +253,7 @@ class AgentRunner:
         """Open one session and serve it until it ends.
 
         Raises:
-            RevokedError: the manager answered UNAUTHENTICATED.
+            RevokedError: the manager returned UNAUTHENTICATED.
             SessionEnded: the session could not be opened or ended otherwise.
         """
         credentials = grpc.ssl_channel_credentials(root_certificates=self.config.ca_pem)

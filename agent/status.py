@@ -19,7 +19,7 @@ STATUS_FILE = "status.json"
 
 
 class ConnectionState(str, enum.Enum):
-    """Where the run loop is; ``status`` shows it with the time it was entered."""
+    """Phase of the run loop, which ``status`` shows with the time it began."""
 
     CONNECTING = "connecting"
     CONNECTED = "connected"

@@ -109,7 +109,7 @@ def load_ca_file(path: Path, fingerprint: str | None) -> bytes:
     """Return the PEM of the CA certificate in ``path``, checked against ``fingerprint`` when given.
 
     Raises:
-        UsageError: the file is unreadable or holds no certificate.
+        UsageError: the file is unreadable or contains no certificate.
         CAMismatchError: the fingerprint differs, or the certificate is not a CA certificate.
     """
     try:

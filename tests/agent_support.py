@@ -266,27 +266,6 @@ def last_seen(redis_url: str, agent_id: str) -> float | None:
         client.close()
 
 
-def serve_ca_in_chain(env: dict[str, str]) -> dict[str, str]:
-    """Return settings that make the gateway present its CA after its server certificate.
-
-    The generated files are created as the gateway would create them; the
-    chain file is the server certificate followed by the CA, which is what
-    operators configure when they bring their own certificates.
-    """
-    from services.core.settings import Settings
-    from services.core.tls import load_tls_material
-
-    settings = Settings.from_env(env)
-    material = load_tls_material(settings)
-    chain = settings.tls_dir / "chain.pem"
-    chain.write_bytes(material.certificate_chain.rstrip(b"\n") + b"\n" + material.ca_certificate)
-    return {
-        "AGENTMGR_TLS_CERT_FILE": str(chain),
-        "AGENTMGR_TLS_KEY_FILE": str(settings.tls_dir / "server.key"),
-        "AGENTMGR_TLS_CA_FILE": str(settings.tls_dir / "ca.pem"),
-    }
-
-
 def start_gateway(env: dict[str, str], home: Path) -> GatewayProcess:
     migrate(env)
     process = GatewayProcess(env, home / "grpc_gateway.log")
@@ -295,21 +274,9 @@ def start_gateway(env: dict[str, str], home: Path) -> GatewayProcess:
 
 
 @pytest.fixture
-def default_gateway(service_env: dict[str, str], home: Path) -> Iterator[GatewayProcess]:
-    """A migrated database and a running gateway with the TLS files it generates itself."""
-    process = start_gateway({**service_env, **GATEWAY_SETTINGS}, home)
-    yield process
-    process.stop()
-
-
-@pytest.fixture
 def gateway(service_env: dict[str, str], home: Path) -> Iterator[GatewayProcess]:
-    """A migrated database and a running gateway that presents its CA in the TLS chain."""
-    env = {**service_env, **GATEWAY_SETTINGS}
-    env.update(serve_ca_in_chain(env))
-    migrate(env)
-    process = GatewayProcess(env, home / "grpc_gateway.log")
-    process.start()
+    """A migrated database and a running gateway, with the TLS files it generates itself."""
+    process = start_gateway({**service_env, **GATEWAY_SETTINGS}, home)
     yield process
     process.stop()
 

@@ -19,7 +19,6 @@ from tests.agent_support import (
     GatewayProcess,
     Panel,
     create_enrollment_token,
-    default_gateway,  # noqa: F401 - fixture
     gateway,  # noqa: F401 - fixture
     host,  # noqa: F401 - fixture
     panel,  # noqa: F401 - fixture
@@ -93,11 +92,11 @@ def test_second_install_needs_replace(gateway: GatewayProcess, host: AgentHost, 
     assert first.returncode == 0, first.stderr
     first_key = (host.config_dir / "agent.key").read_text()
 
-    refused = host.install(gateway, token)
+    rejected = host.install(gateway, token)
 
-    assert refused.returncode == 4, refused.stderr
-    assert "--replace" in refused.stderr
-    assert first.stdout.strip() in refused.stderr
+    assert rejected.returncode == 4, rejected.stderr
+    assert "--replace" in rejected.stderr
+    assert first.stdout.strip() in rejected.stderr
     assert (host.config_dir / "agent.key").read_text() == first_key
     assert count_agents(database_url) == 1
 
@@ -118,11 +117,11 @@ def test_install_machine_with_agent_needs_replace(gateway: GatewayProcess, host:
     clone = AgentHost(tmp_path / "clone", machine_id=host.env["AGENTMGR_AGENT_MACHINE_ID"])
     clone.root.mkdir()
 
-    refused = clone.install(gateway, token)
+    rejected = clone.install(gateway, token)
 
-    assert refused.returncode == 7, refused.stderr
-    assert "ALREADY_EXISTS" in refused.stderr
-    assert "--replace" in refused.stderr
+    assert rejected.returncode == 7, rejected.stderr
+    assert "ALREADY_EXISTS" in rejected.stderr
+    assert "--replace" in rejected.stderr
     assert not (clone.config_dir / "config.json").exists()
 
 
@@ -162,22 +161,22 @@ def test_install_invalid_arguments(host: AgentHost, arguments: list[str], messag
     assert not host.config_dir.exists()
 
 
-def test_install_with_ca_file(default_gateway: GatewayProcess, host: AgentHost, tmp_path: Path, database_url: str) -> None:
+def test_install_with_ca_file(gateway: GatewayProcess, host: AgentHost, tmp_path: Path, database_url: str) -> None:
     ca_file = tmp_path / "manager-ca.pem"
-    ca_file.write_bytes(default_gateway.ca_pem)
+    ca_file.write_bytes(gateway.ca_pem)
     token = create_enrollment_token(database_url)
 
     mismatch = host.cli(
-        "install", "--manager", default_gateway.address, "--token", token,
+        "install", "--manager", gateway.address, "--token", token,
         "--ca-file", str(ca_file), "--ca-fingerprint", WRONG_FINGERPRINT,
     )
     assert mismatch.returncode == 5, mismatch.stderr
     assert not host.config_dir.exists()
 
-    finished = host.cli("install", "--manager", default_gateway.address, "--token", token, "--ca-file", str(ca_file))
+    finished = host.cli("install", "--manager", gateway.address, "--token", token, "--ca-file", str(ca_file))
 
     assert finished.returncode == 0, finished.stderr
-    assert (host.config_dir / "ca.pem").read_bytes() == default_gateway.ca_pem
+    assert (host.config_dir / "ca.pem").read_bytes() == gateway.ca_pem
 
 
 def test_status_and_uninstall(gateway: GatewayProcess, host: AgentHost, database_url: str) -> None:
@@ -201,12 +200,11 @@ def test_status_and_uninstall(gateway: GatewayProcess, host: AgentHost, database
     assert "agentmgr-agent install" in after.stderr
 
 
-def test_readme_first_session(default_gateway: GatewayProcess, host: AgentHost, service_env: dict[str, str], database_url: str) -> None:
+def test_readme_first_session(gateway: GatewayProcess, host: AgentHost, panel: Panel, service_env: dict[str, str]) -> None:
     """Create a token with the CLI, paste its install line, run the agent, run a command."""
-    env = {**service_env}
     created = subprocess.run(
-        [str(AGENT_SCRIPT.parent / "agentmgr"), "--output", "json", "token", "create", "--manager", default_gateway.address],
-        env={**host.env, **env}, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+        [str(AGENT_SCRIPT.parent / "agentmgr"), "--output", "json", "token", "create", "--manager", gateway.address],
+        env={**host.env, **service_env}, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
     )
     assert created.returncode == 0, created.stderr
     install_line = json.loads(created.stdout)["install_command"]
@@ -221,13 +219,8 @@ def test_readme_first_session(default_gateway: GatewayProcess, host: AgentHost, 
     host.start()
     host.wait_connected()
 
-    from tests.agent_support import create_api_token
+    command = panel.run_command(host.agent_id, "uname -s", wait_seconds=20)
+    command = panel.wait_final(command.id)
 
-    panel = Panel(default_gateway, create_api_token(database_url))
-    try:
-        command = panel.run_command(host.agent_id, "uname -s", wait_seconds=20)
-        command = panel.wait_final(command.id)
-    finally:
-        panel.close()
     assert state_name(command) == "COMMAND_STATE_SUCCEEDED"
     assert command.stdout == b"Linux\n"

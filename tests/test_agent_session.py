@@ -217,5 +217,26 @@ def test_agent_restart_reports_interrupted_command(
     assert counter.read_text() == "run\n"
 
 
+def test_second_agent_same_key_superseded(gateway: GatewayProcess, host: AgentHost, database_url: str, tmp_path: Path) -> None:
+    start_agent(gateway, host, database_url)
+    # A copy of the same install with its own state folder: two processes, one key.
+    twin = AgentHost(tmp_path / "twin", machine_id=host.env["AGENTMGR_AGENT_MACHINE_ID"])
+    twin.root.mkdir()
+    twin.config_dir = host.config_dir
+    twin.start()
+    try:
+        wait_until(
+            lambda: any(record["message"].startswith("superseded:") for record in host.log_records() + twin.log_records()),
+            timeout=30, what="a superseded session to be logged",
+        )
+    finally:
+        twin.stop()
+
+    superseded = [record for record in host.log_records() + twin.log_records() if record["message"].startswith("superseded:")]
+    assert superseded[0]["level"] == "WARNING"
+    assert "second agent" in superseded[0]["message"]
+    host.wait_connected()
+
+
 def panel_token(panel: Panel) -> str:
     return dict(panel.metadata)["authorization"].removeprefix("Bearer ")

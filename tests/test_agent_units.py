@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import stat
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +22,7 @@ from agent.executor import execute
 from agent.journal import RETENTION_SECONDS, EntryState, Journal
 from agent.session import backoff_delay
 from agent.trust import normalize_fingerprint
+from tests.agent_support import AGENT_SCRIPT
 from tests.support import wait_until
 
 
@@ -253,3 +257,61 @@ def test_config_incomplete_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(NotInstalledError, match="--replace"):
         load_config(folder)
+
+
+# The run loop without a reachable manager.
+
+
+def installed_host(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """Write an install that points at a closed loopback port; return the folders and environment."""
+    from tests.support import free_port
+
+    config_dir, state_dir = tmp_path / "config", tmp_path / "state"
+    save_config(config_dir, InstalledConfig(
+        manager=f"127.0.0.1:{free_port()}", agent_id=str(uuid.uuid4()), agent_key="amkey_never-logged",
+        ca_pem=b"", ca_fingerprint="", labels={}, installed_at="",
+    ))
+    env = {**os.environ, "AGENTMGR_AGENT_BACKOFF_BASE_SECONDS": "0.05", "AGENTMGR_AGENT_BACKOFF_CAP_SECONDS": "0.1",
+           "AGENTMGR_AGENT_MACHINE_ID": f"test-{uuid.uuid4().hex}"}
+    return config_dir, state_dir, env
+
+
+def test_run_counts_repeated_failures(tmp_path: Path) -> None:
+    config_dir, state_dir, env = installed_host(tmp_path)
+    log = state_dir / "log" / "agent.log"
+    process = subprocess.Popen(
+        [str(AGENT_SCRIPT), "run", "--config-dir", str(config_dir), "--state-dir", str(state_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: log.exists() and log.read_text().count('"connecting: ') >= 5, timeout=30, what="five attempts")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        exit_code = process.wait(timeout=30)
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    manager = json.loads((config_dir / "config.json").read_text())["manager"]
+    attempts = [record for record in records if record["message"].startswith("connecting: ")]
+    warnings = [record for record in records if record["level"] == "WARNING"]
+    assert exit_code == 0
+    assert all(manager in record["message"] for record in attempts)
+    assert len(warnings) == 1
+    assert warnings[0]["message"].startswith(f"failed: session with manager {manager}")
+    assert "amkey_never-logged" not in log.read_text()
+    assert json.loads((state_dir / "status.json").read_text())["state"] == "stopped"
+
+
+def test_second_run_same_state_rejected(tmp_path: Path) -> None:
+    config_dir, state_dir, env = installed_host(tmp_path)
+    folders = ["--config-dir", str(config_dir), "--state-dir", str(state_dir)]
+    first = subprocess.Popen([str(AGENT_SCRIPT), "run", *folders], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (state_dir / "status.json").exists(), timeout=30, what="the first agent to start")
+
+        second = subprocess.run([str(AGENT_SCRIPT), "run", *folders], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+
+    assert second.returncode == 9
+    assert "another agentmgr-agent run" in second.stderr
