@@ -12,96 +12,31 @@ current state (already exists, revoked, expired), 12 unauthenticated,
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import datetime
-import getpass
 import logging
-import re
 import socket
 import sys
-import uuid
-from collections.abc import Iterator
-from typing import Any
 
-import psycopg2.extensions
-
+from services.cli.common import (
+    EXIT_CODES_BY_GRPC_CODE,
+    Context,
+    add_listing_options,
+    duration_seconds,
+    identifier,
+    label,
+    page_request,
+    vars_of,
+)
+from services.cli import updates
 from services.cli.output import FORMATS, TABLE, print_record, print_records
-from services.core.database import Database
 from services.core.errors import AgentManagerError, ExitCode, RequestError, SettingsError, exit_code_for
 from services.core.fleet import apitokens, enrollment
-from services.core.fleet.listing import PageRequest
 from services.core.fleet.models import ApiRole, utc_now
 from services.core.logs import configure_logging
 from services.core.settings import Settings
 from services.core.tls import load_tls_material
 
 logger = logging.getLogger("agentmgr.cli")
-
-EXIT_CODES_BY_GRPC_CODE = {
-    "INVALID_ARGUMENT": int(ExitCode.CONFIG),
-    "NOT_FOUND": 10,
-    "ALREADY_EXISTS": 11,
-    "FAILED_PRECONDITION": 11,
-    "UNAUTHENTICATED": 12,
-    "PERMISSION_DENIED": 13,
-    "RESOURCE_EXHAUSTED": 11,
-    "UNAVAILABLE": int(ExitCode.DATABASE),
-}
-
-_DURATION = re.compile(r"^(\d+)([smhd]?)$")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class Context:
-    """What a subcommand needs: settings, output format, the caller's name, the database."""
-
-    def __init__(self, settings: Settings, output: str) -> None:
-        self.settings = settings
-        self.output = output
-        self.actor = f"cli:{getpass.getuser()}@{socket.gethostname()}"
-        self._database: Database | None = None
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[psycopg2.extensions.connection]:
-        if self._database is None:
-            self._database = Database(self.settings.database_url, max_connections=1, application_name="agentmgr-cli")
-        with self._database.transaction() as connection:
-            yield connection
-
-    def close(self) -> None:
-        if self._database is not None:
-            self._database.close()
-
-
-# Argument types.
-
-
-def duration_seconds(text: str) -> int:
-    """Parse ``90``, ``90s``, ``30m``, ``12h`` or ``7d`` into seconds."""
-    match = _DURATION.match(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected a positive number with s, m, h or d")
-    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def label(text: str) -> tuple[str, str]:
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise argparse.ArgumentTypeError(f"invalid label {text!r}: expected key=value")
-    return key, value
-
-
-def identifier(text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid id {text!r}: expected a UUID") from None
-
-
-def page_request(arguments: argparse.Namespace) -> PageRequest:
-    return PageRequest(page_size=arguments.limit, page_token=arguments.page_token)
-
 
 # Enrollment tokens.
 
@@ -147,14 +82,6 @@ def token_create(context: Context, arguments: argparse.Namespace) -> int:
 
 
 TOKEN_COLUMNS = ("id", "prefix", "state", "group", "use_count", "max_uses", "expires_at", "last_used_at", "description")
-
-
-def vars_of(item: Any) -> dict[str, Any]:
-    """Return a domain object's fields, plus its derived ``state`` where it has one."""
-    record = {field.name: getattr(item, field.name) for field in dataclasses.fields(item)}
-    if hasattr(type(item), "state") and "state" not in record:
-        record["state"] = item.state
-    return record
 
 
 def token_list(context: Context, arguments: argparse.Namespace) -> int:
@@ -207,11 +134,6 @@ def apikey_revoke(context: Context, arguments: argparse.Namespace) -> int:
 # The argument tree.
 
 
-def add_listing_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=int, default=50, help="rows per page, 1 to 500 (default 50)")
-    parser.add_argument("--page-token", default="", help="next_page_token of the previous page")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentmgr",
@@ -254,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id", type=identifier)
     revoke.set_defaults(handler=apikey_revoke)
 
+    updates.register(groups)
     return parser
 
 

@@ -9,6 +9,7 @@ import json
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import PurePath
 from typing import Any, TextIO
 
 TABLE = "table"
@@ -29,6 +30,8 @@ def plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, PurePath):
         return str(value)
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
