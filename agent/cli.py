@@ -150,6 +150,7 @@ def show_status(settings: AgentSettings, arguments: argparse.Namespace) -> int:
         "state_dir": str(settings.state_dir),
         "connection_state": state.get("state", "never_run"),
         "connection_state_since": state.get("since"),
+        "last_connected_at": state.get("last_connected_at"),
         "updated_at": state.get("updated_at"),
         "last_error": state.get("last_error") or None,
         "running_version": state.get("version"),

@@ -100,6 +100,8 @@ class AgentRunner:
         self.slots = asyncio.Semaphore(settings.max_concurrent_commands)
         self.running: set[str] = set()
         """Ids of commands accepted in this process and not finished, including those waiting for a slot."""
+        self.started_count = 0
+        """Commands that hold a slot and run now."""
         self.command_tasks: set[asyncio.Task[None]] = set()
         self.outbox: asyncio.Queue[agent_pb2.AgentMessage | None] | None = None
         """The current session's outgoing messages; None while disconnected."""
@@ -154,7 +156,9 @@ class AgentRunner:
         while not self.should_exit.is_set():
             attempt += 1
             logger.info("connecting: manager %s (attempt %d)", self.config.manager, attempt, extra={"attempt": attempt})
-            self.status.update(ConnectionState.CONNECTING, manager=self.config.manager, agent_id=self.config.agent_id)
+            if self.failures == 0:
+                # During an outage the state stays disconnected, so its time is when the outage began.
+                self.status.update(ConnectionState.CONNECTING, manager=self.config.manager, agent_id=self.config.agent_id)
             session = asyncio.create_task(self.run_session())
             stop = asyncio.create_task(self.should_exit.wait())
             await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -324,7 +328,11 @@ class AgentRunner:
             )
         self.failures = 0
         self.status.update(
-            ConnectionState.CONNECTED, gateway_instance_id=settings.gateway_instance_id, last_error="", failed_attempts=0
+            ConnectionState.CONNECTED,
+            gateway_instance_id=settings.gateway_instance_id,
+            last_connected_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            last_error="",
+            failed_attempts=0,
         )
 
     @property
@@ -344,7 +352,7 @@ class AgentRunner:
     async def send_heartbeats(self, outbox: asyncio.Queue[agent_pb2.AgentMessage | None]) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
-            heartbeat = agent_pb2.Heartbeat(sent_at=timestamp_now(), running_commands=len(self.running))
+            heartbeat = agent_pb2.Heartbeat(sent_at=timestamp_now(), running_commands=self.started_count)
             outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=heartbeat))
 
     def send(self, message: agent_pb2.AgentMessage) -> bool:
@@ -446,12 +454,16 @@ class AgentRunner:
                     logger.warning("defaulted: command %s has no timeout; using %gs", command_id, FALLBACK_TIMEOUT_SECONDS)
                     timeout = FALLBACK_TIMEOUT_SECONDS
                 logger.info("started: command %s (timeout %gs)", command_id, timeout)
-                execution = await execute(
-                    request.command_line,
-                    timeout_seconds=timeout,
-                    max_output_bytes=self.max_output_bytes,
-                    kill_grace_seconds=self.settings.kill_grace_seconds,
-                )
+                self.started_count += 1
+                try:
+                    execution = await execute(
+                        request.command_line,
+                        timeout_seconds=timeout,
+                        max_output_bytes=self.max_output_bytes,
+                        kill_grace_seconds=self.settings.kill_grace_seconds,
+                    )
+                finally:
+                    self.started_count -= 1
                 result = agent_pb2.CommandResult(
                     command_id=command_id,
                     exit_code=execution.exit_code,

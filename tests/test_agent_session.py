@@ -80,6 +80,7 @@ def test_agent_online_within_two_heartbeats(gateway: GatewayProcess, host: Agent
     report = host.status()
     assert report["connection_state"] == "connected"
     assert report["gateway_instance_id"]
+    assert report["last_connected_at"]
 
 
 def test_command_output_and_exit_code_stored(gateway: GatewayProcess, host: AgentHost, panel: Panel, database_url: str) -> None:
@@ -151,9 +152,13 @@ def test_gateway_killed_and_restarted(gateway: GatewayProcess, host: AgentHost, 
     panel.close()
     gateway.kill()
     wait_until(lambda: host.connection_state() == "disconnected", timeout=20, what="the agent to notice the outage")
+    outage_began = host.status()["connection_state_since"]
 
     release.touch()
     wait_until(lambda: journal_state(host, during.id) == "finished", timeout=20, what="the result to be kept on disk")
+    # Retries do not move the time the outage began.
+    assert host.status()["connection_state"] == "disconnected"
+    assert host.status()["connection_state_since"] == outage_began
     queued = create_command_in_database(database_url, agent_id, f"echo run >> {counter}")
 
     gateway.start()
