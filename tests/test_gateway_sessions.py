@@ -12,7 +12,16 @@ import pytest
 
 from agentmanager.v1 import agent_pb2, agent_pb2_grpc, common_pb2, panel_pb2
 from services.core.fleet import agents as fleet_agents
-from tests.gateway_client import Agent, GatewayProcess, GatewayStack, bearer, host_facts, panel_stub, seconds
+from tests.gateway_client import (
+    Agent,
+    GatewayProcess,
+    GatewayStack,
+    bearer,
+    host_facts,
+    panel_stub,
+    seconds,
+    secure_channel,
+)
 from tests.support import wait_until
 
 
@@ -344,3 +353,25 @@ def test_resubscribe_closes_revoked_agents_stream(agent, stack, gateway) -> None
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     messages = [record["message"] for record in gateway.log_records()]
     assert any(message.startswith("failed: routing subscription") for message in messages)
+
+
+def test_too_frequent_pings_end_connection(agent, gateway) -> None:
+    # One ping a second breaks the documented minimum of ten seconds between pings.
+    impatient = secure_channel(
+        gateway.address,
+        gateway.ca_certificate,
+        **{
+            "grpc.keepalive_time_ms": 1000,
+            "grpc.keepalive_permit_without_calls": 1,
+            "grpc.http2.max_pings_without_data": 0,
+        },
+    )
+    session = agent.on(impatient).open_session(heartbeat=False)
+    session.wait_settings()
+
+    error = session.wait_ended(timeout=30)
+    impatient.close()
+
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "ping" in error.details().lower()
