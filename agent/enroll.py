@@ -150,7 +150,7 @@ def check_writable(config_dir: Path) -> None:
         remove_file(probe)
     except OSError as error:
         raise UsageError(
-            f"cannot write the config folder {config_dir} ({error.strerror or error}); "
+            f"failed to write the config folder {config_dir} ({error.strerror or error}); "
             "run install as root, or pass --config-dir with a folder you can write"
         ) from error
 

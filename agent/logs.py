@@ -70,7 +70,7 @@ def configure_logging(log_dir: Path | None, level: str, *, stderr: bool | None =
                 logging.handlers.RotatingFileHandler(log_path, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS)
             )
         except OSError as error:
-            print(f"agentmgr-agent: cannot write the log in {log_dir} ({error}); logging to stderr", file=sys.stderr)
+            print(f"agentmgr-agent: failed to write the log in {log_dir} ({error}); logging to stderr", file=sys.stderr)
             log_path = None
             to_stderr = True
     if to_stderr or not handlers:

@@ -77,7 +77,7 @@ def fetch_presented_chain(host: str, port: int, *, timeout: float = PROBE_TIMEOU
                 return [leaf] if leaf else []
     except (OSError, ssl.SSLError) as error:
         raise UnreachableError(
-            f"cannot reach the manager at {host}:{port} over TLS ({error}); check the address "
+            f"failed to reach the manager at {host}:{port} over TLS ({error}); check the address "
             "and that the manager's gateway runs and is reachable from this host"
         ) from error
 
@@ -116,7 +116,7 @@ def load_ca_file(path: Path, fingerprint: str | None) -> bytes:
         pem = path.read_bytes()
         certificate = x509.load_pem_x509_certificate(pem)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot read a PEM certificate from --ca-file {path}: {error}") from error
+        raise UsageError(f"failed to read a PEM certificate from --ca-file {path}: {error}") from error
     actual = fingerprint_of_der(certificate.public_bytes(serialization.Encoding.DER))
     if fingerprint is not None and actual != fingerprint:
         raise CAMismatchError(
