@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent import __version__
-from agent.config import AgentSettings, is_installed, load_config, remove_config
+from agent.config import AgentSettings, load_config, remove_config
 from agent.enroll import install, parse_install_request
 from agent.errors import AgentError, ExitCode, LockedError, UsageError
 from agent.files import make_private_folder
