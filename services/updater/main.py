@@ -22,7 +22,7 @@ from services.core.program import run_program
 from services.core.redis_client import wait_for_redis
 from services.core.settings import Settings
 from services.core.startup import verify_schema
-from services.updater.jobs import schedule_fetch
+from services.updater.jobs import resume_active_rollouts, schedule_fetch
 
 logger = logging.getLogger("agentmgr.updater")
 
@@ -43,6 +43,7 @@ def create_worker(settings: Settings) -> Worker:
         default_timeout=int(settings.updater_job_timeout_seconds),
     )
     schedule_fetch(queue, settings)
+    resume_active_rollouts(queue, settings)
     return Worker([queue], connection=connection, name=worker_name())
 
 

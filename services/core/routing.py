@@ -1,0 +1,34 @@
+"""Publish a message to the gateway process that holds an agent's stream (synchronous side).
+
+The CLI and the updater's jobs use this; the gateway's own asyncio code does
+the same with redis.asyncio. Key and channel names live in
+``services.grpc_gateway.keys``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import redis
+
+from services.grpc_gateway.keys import gateway_channel, session_key
+
+
+def is_connected(client: redis.Redis, agent_id: uuid.UUID) -> bool:
+    """Tell whether some gateway holds a live stream of ``agent_id``."""
+    return bool(client.exists(session_key(agent_id)))
+
+
+def publish_to_agent(client: redis.Redis, agent_id: uuid.UUID, message: dict[str, Any]) -> bool:
+    """Send ``message`` to the gateway holding the agent's stream; return False when none does.
+
+    Delivery is best effort: a message lost here is sent again from PostgreSQL
+    when the agent reconnects.
+    """
+    holder = client.get(session_key(agent_id))
+    if holder is None:
+        return False
+    client.publish(gateway_channel(holder.decode()), json.dumps({**message, "agent_id": str(agent_id)}))
+    return True
