@@ -126,7 +126,7 @@ def run_agent(settings: AgentSettings, arguments: argparse.Namespace) -> int:
         make_private_folder(settings.state_dir)
     except OSError as error:
         raise UsageError(f"failed to create the state folder {settings.state_dir} ({error}); pass --state-dir or run as root") from error
-    with hold_run_lock(settings.state_dir), bind_context(manager=config.manager, agent_id=config.agent_id):
+    with hold_run_lock(settings.state_dir), bind_context(manager=config.manager):
         logger.info(
             "starting: agentmgr-agent %s (manager %s, config %s, state %s)",
             __version__, config.manager, settings.config_dir, settings.state_dir,

@@ -56,6 +56,9 @@ FAILURE_SUMMARY_EVERY = 20
 """After the first failure is logged, every this many further failures log one summary line."""
 SHUTDOWN_COMMANDS_SECONDS = 15.0
 """Time running commands get at shutdown to be killed and reaped."""
+REINSTALL_WAIT_SECONDS = 5.0
+"""Time a revoked agent looks for a newer install in its config folder before it exits."""
+REINSTALL_POLL_SECONDS = 0.2
 
 
 def seconds_of(message: duration_pb2.Duration) -> float:
@@ -159,7 +162,9 @@ class AgentRunner:
             if self.failures == 0:
                 # During an outage the state stays disconnected, so its time is when the outage began.
                 self.status.update(ConnectionState.CONNECTING, manager=self.config.manager, agent_id=self.config.agent_id)
-            session = asyncio.create_task(self.run_session())
+            # The id is bound per session because a reinstall can change it while the loop runs.
+            with bind_context(agent_id=self.config.agent_id):
+                session = asyncio.create_task(self.run_session())
             stop = asyncio.create_task(self.should_exit.wait())
             await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
@@ -172,7 +177,7 @@ class AgentRunner:
                 session.result()
                 reason, superseded = "the manager closed the session", False
             except RevokedError as error:
-                if self.reload_reinstalled_config():
+                if await self.wait_for_reinstall():
                     continue
                 self.status.update(ConnectionState.REVOKED, last_error=str(error))
                 raise
@@ -190,6 +195,21 @@ class AgentRunner:
                 await asyncio.wait_for(self.should_exit.wait(), timeout=delay)
             except asyncio.TimeoutError:
                 pass
+
+    async def wait_for_reinstall(self) -> bool:
+        """Look for a newer install for ``REINSTALL_WAIT_SECONDS``; return whether one was loaded.
+
+        ``install --replace`` revokes the old agent during Register, moments
+        before it writes the new config, so one look right after the
+        revocation would miss it.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REINSTALL_WAIT_SECONDS
+        while not self.reload_reinstalled_config():
+            if loop.time() >= deadline or self.should_exit.is_set():
+                return False
+            await asyncio.sleep(REINSTALL_POLL_SECONDS)
+        return True
 
     def reload_reinstalled_config(self) -> bool:
         """Switch to a newer install in the config folder (``install --replace`` while running); return whether one exists."""

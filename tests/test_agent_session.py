@@ -241,5 +241,23 @@ def test_second_agent_same_key_superseded(gateway: GatewayProcess, host: AgentHo
     host.wait_connected()
 
 
+def test_reinstall_while_running_switches_agent(gateway: GatewayProcess, host: AgentHost, panel: Panel, database_url: str) -> None:
+    old_id = start_agent(gateway, host, database_url)
+
+    reinstalled = host.install(gateway, create_enrollment_token(database_url), "--replace")
+
+    assert reinstalled.returncode == 0, reinstalled.stderr
+    new_id = reinstalled.stdout.strip()
+    wait_until(
+        lambda: any(record["message"].startswith(f"reloaded: config now names agent {new_id}") for record in host.log_records()),
+        timeout=30, what="the running agent to reload its config",
+    )
+    host.wait_connected()
+    command = panel.wait_final(panel.run_command(new_id, "echo switched", wait_seconds=20).id)
+    assert command.stdout == b"switched\n"
+    assert panel.get_agent(old_id).status == common_pb2.AGENT_STATUS_REVOKED
+    assert host.process is not None and host.process.poll() is None
+
+
 def panel_token(panel: Panel) -> str:
     return dict(panel.metadata)["authorization"].removeprefix("Bearer ")
