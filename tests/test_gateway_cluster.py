@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -11,7 +14,7 @@ import pytest
 from agentmanager.v1 import common_pb2, panel_pb2
 from services.core.fleet import agents as fleet_agents
 from tests.gateway_client import Agent, GatewayProcess, GatewayStack, bearer, panel_stub, seconds
-from tests.support import wait_until
+from tests.support import PROJECT_ROOT, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +179,41 @@ def test_gateway_shutdown_ends_sessions(stack) -> None:
     messages = [record["message"] for record in leaving.log_records()]
     assert "closing: 1 agent session(s)" in messages
     assert "stopped: gateway" in messages
+
+
+AGENT_SCRIPT = """
+import sys, time
+from tests.gateway_client import Agent, secure_channel
+channel = secure_channel(sys.argv[1], open(sys.argv[2], "rb").read())
+session = Agent(channel, sys.argv[3], sys.argv[4]).open_session(heartbeat=False)
+session.wait_settings()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_keepalive_drops_frozen_agent(stack) -> None:
+    # Keepalive in one second, and a session key that outlives the test unless released.
+    watchful = stack.start_gateway(
+        AGENTMGR_GRPC_KEEPALIVE_TIME_SECONDS="1",
+        AGENTMGR_GRPC_KEEPALIVE_TIMEOUT_SECONDS="1",
+        AGENTMGR_OFFLINE_AFTER_SECONDS="600",
+    )
+    agent = Agent.register(watchful.channel(), stack.enrollment_token())
+    ca_file = stack.home / "tls" / "ca.pem"
+    process = subprocess.Popen(
+        [sys.executable, "-c", AGENT_SCRIPT, watchful.address, str(ca_file), agent.agent_id, agent.agent_key],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        assert session_holder(stack, agent) is not None
+
+        # A stopped process answers no pings, like a host that lost power.
+        process.send_signal(signal.SIGSTOP)
+        wait_until(lambda: session_holder(stack, agent) is None, timeout=30, what="session released by keepalive")
+    finally:
+        process.kill()
+        process.wait()
+        watchful.stop()

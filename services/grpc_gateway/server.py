@@ -219,7 +219,13 @@ def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_time_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.grpc_keepalive_timeout_seconds * 1000)),
+        # grpcio 1.85 waits for a ping acknowledgement up to this separate limit instead of
+        # keepalive_timeout_ms; without it a stopped client kept its stream for minutes.
+        ("grpc.http2.ping_timeout_ms", int(settings.grpc_keepalive_timeout_seconds * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Without this, gRPC stops pinging after two pings with no data sent in between,
+        # so a silent stream to a dead peer would never be checked again.
+        ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", int(MIN_CLIENT_PING_INTERVAL_SECONDS * 1000)),
         ("grpc.http2.max_ping_strikes", 2),
     ]
