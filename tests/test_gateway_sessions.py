@@ -375,3 +375,16 @@ def test_too_frequent_pings_end_connection(agent, gateway) -> None:
     assert error is not None
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "ping" in error.details().lower()
+
+
+def test_heartbeat_reclaims_expired_session_key(agent, panel, admin, stack) -> None:
+    session = agent.open_session()
+    session.wait_settings()
+
+    # As if heartbeats had stopped for longer than the key's TTL: routing finds no holder.
+    stack.redis.delete(f"agentmgr:session:{agent.agent_id}")
+    queued = run_command(panel, admin, agent, "echo late")
+    request = session.next_message(timeout=10, kind="command_request").command_request
+    session.close()
+
+    assert request.command_id == queued.id

@@ -34,9 +34,12 @@ RECONNECT_DELAY_MAX_SECONDS = 5.0
 REVOCATION_RETRY_SECONDS = 60.0
 """How long a gateway retries publishing a revocation while Redis fails."""
 
-# Extend or delete the session key only while it still names this gateway.
-_EXPIRE_IF_HOLDER = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+# Extend the session key while it names this gateway, or take it back once it expired
+# (returns 2), but never from another gateway. Delete it only while it names this gateway.
+_REFRESH_IF_HOLDER = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 2 end
 return 0
 """
 _DELETE_IF_HOLDER = """
@@ -184,9 +187,16 @@ class Router:
             await self.runtime.redis.publish(gateway_channel(previous.decode()), json.dumps(message))
 
     async def refresh_session(self, session: AgentSession) -> None:
-        await self.runtime.redis.eval(
-            _EXPIRE_IF_HOLDER, 1, session_key(session.agent_id), self.runtime.instance_id, self.session_ttl_seconds
+        """Extend the session key, and take it back if heartbeats came too late to keep it.
+
+        Commands stored while the key was missing were not routed here, so they are sent now.
+        """
+        result = await self.runtime.redis.eval(
+            _REFRESH_IF_HOLDER, 1, session_key(session.agent_id), self.runtime.instance_id, self.session_ttl_seconds
         )
+        if result == 2:
+            logger.info("reclaimed: session key of agent %s after it expired", session.agent_id)
+            await self.deliver_pending(session)
 
     async def release_session(self, session: AgentSession) -> None:
         """Forget the session, and clear the key unless a newer session of the agent took over."""
