@@ -349,6 +349,8 @@ class AgentRunner:
         self.failures = 0
         self.status.update(
             ConnectionState.CONNECTED,
+            manager=self.config.manager,
+            agent_id=self.config.agent_id,
             gateway_instance_id=settings.gateway_instance_id,
             last_connected_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             last_error="",
