@@ -107,7 +107,7 @@ class AgentSettings:
         def text(name: str, default: str) -> str:
             return env.get(name, "").strip() or default
 
-        def number(name: str, default: float, minimum: float) -> float:
+        def number(name: str, default: float, minimum: float, unit: str = "seconds") -> float:
             raw = env.get(name, "").strip()
             if not raw:
                 return default
@@ -116,14 +116,14 @@ class AgentSettings:
             except ValueError:
                 value = float("nan")
             if not value >= minimum:  # also rejects NaN
-                raise UsageError(f"invalid {name}={raw!r}: expected a number of seconds >= {minimum}")
+                raise UsageError(f"invalid {name}={raw!r}: expected a number of {unit} >= {minimum:g}")
             return value
 
         resolved_state_dir = Path(state_dir or text("AGENTMGR_AGENT_STATE_DIR", str(DEFAULT_STATE_DIR)))
         level = text("AGENTMGR_AGENT_LOG_LEVEL", DEFAULT_LOG_LEVEL).upper()
         if level not in LOG_LEVELS:
             raise UsageError(f"invalid AGENTMGR_AGENT_LOG_LEVEL={level!r}: expected one of {', '.join(LOG_LEVELS)}")
-        concurrency = number("AGENTMGR_AGENT_MAX_CONCURRENT_COMMANDS", DEFAULT_MAX_CONCURRENT_COMMANDS, 1)
+        concurrency = number("AGENTMGR_AGENT_MAX_CONCURRENT_COMMANDS", DEFAULT_MAX_CONCURRENT_COMMANDS, 1, "commands")
         if concurrency != int(concurrency):
             raise UsageError(f"invalid AGENTMGR_AGENT_MAX_CONCURRENT_COMMANDS={concurrency!r}: expected a whole number >= 1")
         base = number("AGENTMGR_AGENT_BACKOFF_BASE_SECONDS", DEFAULT_BACKOFF_BASE_SECONDS, 0.01)

@@ -184,8 +184,10 @@ class AgentRunner:
             except SessionEnded as error:
                 reason, superseded = str(error), error.superseded
             except Exception as error:  # noqa: BLE001 - the loop must outlive any one session
-                logger.exception("failed: session with manager %s (unexpected error)", self.config.manager)
-                reason, superseded = f"unexpected error: {error}", False
+                # The traceback once per outage; repeats are counted like other failures.
+                if self.failures == 0:
+                    logger.exception("failed: session with manager %s (unexpected error)", self.config.manager)
+                reason, superseded = f"unexpected error: {error!r}", False
 
             self.failures += 1
             delay = backoff_delay(self.failures, base=self.settings.backoff_base_seconds, cap=self.settings.backoff_cap_seconds)
