@@ -188,10 +188,13 @@ def test_updater_fetches_upstream_and_survives_errors(publisher, tmp_path):
         wait_until(lambda: b"listening: queue updates" in (tmp_path / "updater.log").read_bytes(),
                    timeout=60, what="the updater to listen")
 
+        # The scheduled check runs when the worker starts.
+        wait_until(lambda: release_rows(env), timeout=60, what="the scheduled check to add the release")
         fetched = agentmgr(env, "-o", "json", "updates", "fetch", "--wait", "60")
 
         assert fetched.returncode == 0, fetched.stderr
-        assert json.loads(fetched.stdout)["added"] == ["2.1.0"]
+        assert json.loads(fetched.stdout)["added"] == []
+        assert json.loads(fetched.stdout)["known"] == 1
         assert [row[0] for row in release_rows(env)] == ["2.1.0"]
 
         # A broken index fails the job; the worker stays up and the cause is visible.
@@ -205,7 +208,7 @@ def test_updater_fetches_upstream_and_survives_errors(publisher, tmp_path):
         assert worker.poll() is None
         assert status["items"][0]["outcome"] == "failed"
         assert "not valid JSON" in status["items"][0]["error"]
-        assert status["items"][1]["outcome"] == "succeeded"
+        assert [item["outcome"] for item in status["items"][1:3]] == ["succeeded", "succeeded"]
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)

@@ -265,3 +265,78 @@ def test_abort_is_final(database, tmp_path):
             rollouts.resume_rollout(conn, rollout.id, actor="op")
     assert aborted.state == RolloutState.ABORTED
     assert step(database, rollout.id)[1] == []
+
+
+def test_worker_killed_mid_rollout_resumes(service_env, tmp_path):
+    """A real updater worker, SIGKILLed mid-rollout and replaced: every agent is notified once.
+
+    The test plays the gateway through its Redis interface: it marks agents as
+    connected, listens on its own gateway channel and reports their progress.
+    """
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import redis as redis_module
+
+    from services.core.database import Database
+    from services.grpc_gateway.keys import gateway_channel, session_key
+    from tests.support import PROJECT_ROOT, run_program, wait_until
+
+    assert run_program("services.migrate", service_env).returncode == 0
+    database = Database(service_env["AGENTMGR_DATABASE_URL"], max_connections=2)
+    client = redis_module.Redis.from_url(service_env["AGENTMGR_REDIS_URL"])
+    try:
+        add_release(database, tmp_path, "2.0.0")
+        ids = enroll(database, 6)
+        for agent_id in ids:
+            client.set(session_key(agent_id), "test-gateway")
+        listener = client.pubsub()
+        listener.subscribe(gateway_channel("test-gateway"))
+        rollout, _ = create(database, waves=[50, 100], max_parallel=2, failure_threshold_percent=50)
+
+        def start_worker(name: str) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, "-m", "services.updater"], env={**os.environ, **service_env}, cwd=PROJECT_ROOT,
+                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.log", "wb"),
+            )
+
+        worker = start_worker("first")
+        notices: list[str] = []
+
+        def collect() -> None:
+            while (message := listener.get_message(timeout=0.1)) is not None:
+                if message["type"] == "message":
+                    payload = json.loads(message["data"])
+                    assert payload["kind"] == "update_notice"
+                    notices.append(payload["agent_id"])
+
+        def finish_notified() -> None:
+            collect()
+            for agent_id in set(notices):
+                report(database, rollout.id, uuid.UUID(agent_id), AgentUpdateState.SUCCEEDED)
+
+        wait_until(lambda: collect() or len(notices) >= 2, timeout=60, what="the first notices")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+        finish_notified()
+        worker = start_worker("second")
+        try:
+            def completed() -> bool:
+                finish_notified()
+                with database.transaction() as conn:
+                    return rollouts.get_rollout(conn, rollout.id).state == RolloutState.COMPLETED
+
+            wait_until(completed, timeout=120, interval=0.5, what="the rollout to complete")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+
+        assert sorted(notices) == sorted(str(agent_id) for agent_id in ids)
+        assert set(states(database, rollout.id).values()) == {AgentUpdateState.SUCCEEDED}
+    finally:
+        client.close()
+        database.close()

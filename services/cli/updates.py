@@ -18,13 +18,13 @@ from agent.releases import (
     release_files,
     sign_manifest,
 )
-from services.cli.common import Context, add_listing_options, page_request, vars_of
+from services.cli.common import Context, add_listing_options, duration_seconds, identifier, label, page_request, vars_of
 from services.cli.output import TABLE, print_record, print_records
 from services.core import defaults
 from services.core.errors import FailedPrecondition, InvalidArgument
-from services.core.fleet import releases
+from services.core.fleet import releases, rollouts
 from services.core.redis_client import connect_redis, ping_redis
-from services.updater.jobs import FETCH_HISTORY_LENGTH, enqueue_fetch_now, fetch_history
+from services.updater.jobs import FETCH_HISTORY_LENGTH, enqueue_fetch_now, enqueue_rollout_step, fetch_history
 from services.updater.upstream import index_folder
 
 RELEASE_COLUMNS = ("id", "version", "os_name", "architecture", "size_bytes", "sha256", "signing_key_id", "created_at")
@@ -146,13 +146,83 @@ def updates_fetch(context: Context, arguments: argparse.Namespace) -> int:
     return 1 if outcome in ("failed", "retrying") else 0
 
 
-def updates_status(context: Context, arguments: argparse.Namespace) -> int:
+def upstream_status(context: Context, arguments: argparse.Namespace) -> int:
     connection = connect_redis(context.settings.redis_url)
     ping_redis(connection)
     history = fetch_history(connection, arguments.limit)
     print_records(history, FETCH_COLUMNS, context.output,
                   extra={"upstream": context.settings.updates_upstream or "(none)"})
     return 0
+
+
+ROLLOUT_COLUMNS = ("id", "target_version", "state", "current_wave", "waves", "state_reason", "created_at")
+ROLLOUT_AGENT_COLUMNS = ("agent_id", "wave", "state", "from_version", "error", "deadline_at")
+
+
+def waves_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid waves {text!r}: expected percentages such as 5,25,100") from None
+
+
+def rollout_record(rollout: rollouts.Rollout, counts: dict[str, int]) -> dict:
+    record = vars_of(rollout)
+    record["current_wave"] = f"{rollout.current_wave + 1} of {len(rollout.waves)}"
+    record["agents"] = counts
+    return record
+
+
+def updates_rollout(context: Context, arguments: argparse.Namespace) -> int:
+    selection = rollouts.Selection(group=arguments.group, labels=dict(arguments.label), agent_ids=tuple(arguments.agent))
+    with context.transaction() as connection:
+        rollout, count = rollouts.create_rollout(
+            connection,
+            target_version=arguments.version,
+            selection=selection,
+            waves=arguments.waves,
+            max_parallel=arguments.max_parallel,
+            failure_threshold_percent=arguments.failure_threshold,
+            agent_timeout_seconds=arguments.agent_timeout,
+            created_by=context.actor,
+        )
+    enqueue_rollout_step(_queue(context), rollout.id)
+    print_record({"rollout_id": rollout.id, "agents": count, "state": rollout.state}, context.output)
+    return 0
+
+
+def updates_status(context: Context, arguments: argparse.Namespace) -> int:
+    if arguments.rollout_id is None:
+        return upstream_status(context, arguments)
+    with context.transaction() as connection:
+        rollout = rollouts.get_rollout(connection, arguments.rollout_id)
+        counts = rollouts.progress(connection, rollout.id)
+        members = rollouts.list_rollout_agents(connection, rollout.id)
+    print_record(rollout_record(rollout, counts), context.output)
+    if context.output == TABLE and members:
+        print()
+        print_records([vars_of(member) for member in members], ROLLOUT_AGENT_COLUMNS, TABLE)
+    return 0
+
+
+def rollout_action(action: str):
+    def handler(context: Context, arguments: argparse.Namespace) -> int:
+        with context.transaction() as connection:
+            function = {"pause": rollouts.pause_rollout, "resume": rollouts.resume_rollout, "abort": rollouts.abort_rollout}[action]
+            rollout = function(connection, arguments.rollout_id, actor=context.actor)
+            counts = rollouts.progress(connection, rollout.id)
+        if action == "resume":
+            enqueue_rollout_step(_queue(context), rollout.id)
+        print_record(rollout_record(rollout, counts), context.output)
+        return 0
+
+    return handler
+
+
+def _queue(context: Context) -> Queue:
+    connection = connect_redis(context.settings.redis_url)
+    ping_redis(connection)
+    return Queue(defaults.UPDATES_QUEUE, connection=connection)
 
 
 def register(groups: argparse._SubParsersAction) -> None:
@@ -181,6 +251,24 @@ def register(groups: argparse._SubParsersAction) -> None:
     listing = updates.add_parser("list", help="list verified releases")
     add_listing_options(listing)
     listing.set_defaults(handler=updates_list)
-    status = updates.add_parser("status", help="latest upstream checks and their errors")
-    status.add_argument("--limit", type=int, default=10, help="checks to show (default 10)")
+    status = updates.add_parser("status", help="a rollout's progress, or the latest upstream checks and their errors")
+    status.add_argument("rollout_id", nargs="?", type=identifier, help="rollout to show (default: upstream checks)")
+    status.add_argument("--limit", type=int, default=10, help="upstream checks to show (default 10)")
     status.set_defaults(handler=updates_status)
+    rollout = updates.add_parser("rollout", help="start rolling VERSION out in waves; prints the rollout id at once")
+    rollout.add_argument("version")
+    rollout.add_argument("--group", default="", help="only agents of this group")
+    rollout.add_argument("--label", type=label, action="append", default=[], help="only agents with key=value (repeatable)")
+    rollout.add_argument("--agent", type=identifier, action="append", default=[], help="only this agent id (repeatable)")
+    rollout.add_argument("--waves", type=waves_list, default=[5, 25, 100], help="cumulative percentages (default 5,25,100)")
+    rollout.add_argument("--max-parallel", type=int, default=50, help="agents updating at once (default 50)")
+    rollout.add_argument("--failure-threshold", type=float, default=10.0,
+                         help="percent of failed agents that pauses the rollout (default 10)")
+    rollout.add_argument("--agent-timeout", type=duration_seconds, default=900,
+                         help="time an agent has to report success, such as 15m (default 15m)")
+    rollout.set_defaults(handler=updates_rollout)
+    for action, text in (("pause", "stop notifying agents"), ("resume", "continue a paused rollout"),
+                         ("abort", "end a rollout for good")):
+        parser = updates.add_parser(action, help=text)
+        parser.add_argument("rollout_id", type=identifier)
+        parser.set_defaults(handler=rollout_action(action))

@@ -15,10 +15,8 @@ from typing import Any
 
 import redis
 from rq import Queue, Retry, get_current_job
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Job
 
-from services.core import defaults
 from services.core.database import Database
 from services.core import routing
 from services.core.fleet import releases, rollouts
@@ -32,18 +30,15 @@ logger = logging.getLogger("agentmgr.updater.jobs")
 FETCH_HISTORY_KEY = "agentmgr:updates:fetches"
 """Redis list of the latest fetch outcomes (JSON), newest first."""
 FETCH_HISTORY_LENGTH = 50
-NEXT_FETCH_KEY = "agentmgr:updates:next_fetch_job"
-"""Redis key naming the scheduled upstream check that is waiting to run."""
+FETCH_DUE_KEY = "agentmgr:updates:fetch-due"
+"""Redis key that exists until the next scheduled upstream check is due."""
 FETCH_RETRY = Retry(max=3, interval=[10, 60, 300])
 """Retries of a failed fetch: after 10 s, 1 min and 5 min."""
 ACTOR = "updater"
 
 
-def fetch_upstream(*, reschedule: bool = False) -> dict[str, Any]:
+def fetch_upstream() -> dict[str, Any]:
     """Add every release listed upstream that is not stored yet; return a summary.
-
-    With ``reschedule``, the next scheduled check is queued first, so a failing
-    fetch does not stop the schedule.
 
     Raises:
         UpstreamError: the index could not be read.
@@ -53,8 +48,6 @@ def fetch_upstream(*, reschedule: bool = False) -> dict[str, Any]:
     job = get_current_job()
     job_id = job.id if job else ""
     connection = connect_redis(settings.redis_url)
-    if reschedule:
-        schedule_fetch(Queue(defaults.UPDATES_QUEUE, connection=connection), settings, current_job_id=job_id)
     started = _now()
     with bind_context(job_id=job_id, upstream=settings.updates_upstream):
         try:
@@ -102,54 +95,6 @@ def _fetch(settings: Settings) -> dict[str, Any]:
     return {"added": added, "known": known}
 
 
-def schedule_fetch(queue: Queue, settings: Settings, *, current_job_id: str = "") -> Job | None:
-    """Queue the next scheduled upstream check unless one is already waiting; return it."""
-    job = schedule_once(
-        queue,
-        NEXT_FETCH_KEY,
-        settings.updates_fetch_interval_seconds,
-        fetch_upstream,
-        kwargs={"reschedule": True},
-        current_job_id=current_job_id,
-        retry=FETCH_RETRY,
-        description="scheduled upstream release check",
-    )
-    if job is not None:
-        logger.info("scheduled: upstream check in %.0fs", settings.updates_fetch_interval_seconds, extra={"job_id": job.id})
-    return job
-
-
-def schedule_once(
-    queue: Queue,
-    marker_key: str,
-    delay_seconds: float,
-    function: Any,
-    *,
-    kwargs: dict[str, Any],
-    current_job_id: str = "",
-    **options: Any,
-) -> Job | None:
-    """Queue ``function`` in ``delay_seconds`` unless the job named in ``marker_key`` still waits.
-
-    This keeps one chain of a self-rescheduling job: the id of the waiting job
-    is kept in Redis, and a lock makes two workers starting together queue
-    only one. ``current_job_id`` is the running job that asks for its successor.
-    """
-    connection = queue.connection
-    with connection.lock(f"{marker_key}:lock", timeout=30, blocking_timeout=30):
-        waiting_id = connection.get(marker_key)
-        if waiting_id and waiting_id.decode() != current_job_id:
-            try:
-                status = Job.fetch(waiting_id.decode(), connection=connection).get_status()
-            except NoSuchJobError:
-                status = None
-            if status in (JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.STARTED):
-                return None
-        job = queue.enqueue_in(datetime.timedelta(seconds=delay_seconds), function, kwargs=kwargs, **options)
-        connection.set(marker_key, job.id)
-    return job
-
-
 def enqueue_fetch_now(queue: Queue) -> Job:
     """Queue an upstream check to run at once (``agentmgr updates fetch``)."""
     return queue.enqueue(fetch_upstream, retry=FETCH_RETRY, description="upstream release check on demand")
@@ -177,40 +122,40 @@ def _now() -> str:
 # Rollouts.
 
 ROLLOUT_TICK_SECONDS = 2.0
-"""Time between two steps of a running rollout."""
+"""Time between two steps of an active rollout."""
 
 
-def rollout_marker_key(rollout_id: uuid.UUID) -> str:
-    return f"agentmgr:rollout:{rollout_id}:next_job"
+def rollout_step_key(rollout_id: uuid.UUID) -> str:
+    return f"agentmgr:rollout:{rollout_id}:step-queued"
 
 
-def schedule_rollout_step(queue: Queue, rollout_id: uuid.UUID, *, delay_seconds: float = ROLLOUT_TICK_SECONDS,
-                          current_job_id: str = "") -> Job | None:
-    """Queue the next step of a rollout unless one is already waiting."""
-    return schedule_once(
-        queue,
-        rollout_marker_key(rollout_id),
-        delay_seconds,
-        advance_rollout_job,
-        kwargs={"rollout_id": str(rollout_id)},
-        current_job_id=current_job_id,
-        description=f"rollout {rollout_id} step",
-    )
+def enqueue_rollout_step(queue: Queue, rollout_id: uuid.UUID) -> Job | None:
+    """Queue one step of a rollout unless a step was queued within the last tick.
+
+    Steps of one rollout are serialised by a row lock, so an extra step does no
+    harm; the Redis key only keeps several updater processes from queueing one each.
+    """
+    if not queue.connection.set(rollout_step_key(rollout_id), "1", nx=True, ex=int(ROLLOUT_TICK_SECONDS)):
+        return None
+    return queue.enqueue(advance_rollout_job, str(rollout_id), description=f"rollout {rollout_id} step")
+
+
+def enqueue_fetch_if_due(queue: Queue, settings: Settings) -> Job | None:
+    """Queue the scheduled upstream check when its interval has passed (or never ran)."""
+    if not settings.updates_upstream:
+        return None
+    if not queue.connection.set(FETCH_DUE_KEY, "1", nx=True, ex=int(settings.updates_fetch_interval_seconds)):
+        return None
+    return queue.enqueue(fetch_upstream, retry=FETCH_RETRY, description="scheduled upstream release check")
 
 
 def advance_rollout_job(rollout_id: str) -> dict[str, Any]:
-    """Run one step of a rollout, notify the agents it picked, and queue the next step.
-
-    The next step is queued before this one works, so a worker killed in the
-    middle leaves a successor that picks up from the last committed state.
-    """
+    """Run one step of a rollout and notify the agents it picked."""
     settings = Settings.from_env()
     job = get_current_job()
     identifier = uuid.UUID(rollout_id)
     connection = connect_redis(settings.redis_url)
-    queue = Queue(defaults.UPDATES_QUEUE, connection=connection)
     with bind_context(rollout_id=rollout_id, job_id=job.id if job else ""):
-        schedule_rollout_step(queue, identifier, current_job_id=job.id if job else "")
         database = Database(settings.database_url, max_connections=1, application_name="agentmgr-updater")
         try:
             with database.transaction() as conn:
@@ -229,21 +174,4 @@ def advance_rollout_job(rollout_id: str) -> dict[str, Any]:
                 "notified: agent %s of release %s", notice.agent_id, notice.release.version,
                 extra={"agent_id": str(notice.agent_id), "release_id": str(notice.release.id), "published": delivered},
             )
-        if rollout.state not in rollouts.ACTIVE_ROLLOUT_STATES:
-            connection.delete(rollout_marker_key(identifier))
         return {"state": rollout.state.value, "wave": rollout.current_wave, "notified": len(notices)}
-
-
-def resume_active_rollouts(queue: Queue, settings: Settings) -> list[uuid.UUID]:
-    """Queue a step for every active rollout; run at updater start, after a crash too."""
-    database = Database(settings.database_url, max_connections=1, application_name="agentmgr-updater")
-    try:
-        with database.transaction() as conn:
-            active = rollouts.active_rollout_ids(conn)
-    finally:
-        database.close()
-    for rollout_id in active:
-        schedule_rollout_step(queue, rollout_id, delay_seconds=0)
-    if active:
-        logger.info("resumed: %d active rollout(s)", len(active), extra={"rollouts": [str(i) for i in active]})
-    return active

@@ -1,4 +1,4 @@
-"""The ``updater`` program: an RQ worker on the ``updates`` queue, with RQ's scheduler.
+"""The ``updater`` program: an RQ worker on the ``updates`` queue, plus the ticker thread.
 
 RQ handles the signals: the first SIGTERM or SIGINT is a warm shutdown that
 lets the running job finish, a second one kills it. supervisord's
@@ -22,7 +22,7 @@ from services.core.program import run_program
 from services.core.redis_client import wait_for_redis
 from services.core.settings import Settings
 from services.core.startup import verify_schema
-from services.updater.jobs import resume_active_rollouts, schedule_fetch
+from services.updater.ticker import Ticker
 
 logger = logging.getLogger("agentmgr.updater")
 
@@ -42,8 +42,6 @@ def create_worker(settings: Settings) -> Worker:
         connection=connection,
         default_timeout=int(settings.updater_job_timeout_seconds),
     )
-    schedule_fetch(queue, settings)
-    resume_active_rollouts(queue, settings)
     return Worker([queue], connection=connection, name=worker_name())
 
 
@@ -51,13 +49,21 @@ def run(settings: Settings) -> int:
     """Verify the schema, then work the updates queue until a signal stops the worker."""
     verify_schema(settings, SERVICE)
     worker = create_worker(settings)
+    ticker = Ticker(settings=settings, queue=worker.queues[0])
     with bind_context(worker=worker.name):
         logger.info(
             "listening: queue %s",
             defaults.UPDATES_QUEUE,
             extra={"queue": defaults.UPDATES_QUEUE, "job_timeout_seconds": settings.updater_job_timeout_seconds},
         )
-        worker.work(with_scheduler=True, logging_level=settings.log_level)
+        ticker.start()
+        try:
+            # NOTE: RQ's scheduler only moves retried jobs back to the queue here. Its
+            # process outlives a worker killed with SIGKILL and then holds the lock
+            # without enqueueing (RQ 3.0), so periodic work lives in the ticker instead.
+            worker.work(with_scheduler=True, logging_level=settings.log_level)
+        finally:
+            ticker.stop()
         logger.info("stopped: worker %s", worker.name)
     return 0
 
