@@ -76,7 +76,7 @@ def parse_manager_address(text: str) -> tuple[str, int]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AgentSettings:
-    """Where the agent keeps its files and how it behaves; see the ``DEFAULT_`` constants."""
+    """Folders and behaviour of the agent; the ``DEFAULT_`` constants above give each default."""
 
     config_dir: Path
     state_dir: Path
@@ -148,7 +148,7 @@ class AgentSettings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InstalledConfig:
-    """What ``install`` stores and ``run`` needs: where the manager is, who we are, whom we trust."""
+    """The install that ``install`` stores and ``run`` reads: the manager address, the agent's identity and the pinned CA."""
 
     manager: str
     """HOST:PORT of the manager's gateway."""
