@@ -112,3 +112,76 @@ def test_database_down_exit_code(cli_env):
 
     assert result.returncode == 3
     assert "agentmgr:" in result.stderr
+
+
+def enroll_agent(env, hostname: str = "web-1", group: str = "web"):
+    from services.core.database import Database
+    from services.core.fleet import agents, enrollment
+
+    database = Database(env["AGENTMGR_DATABASE_URL"], max_connections=1)
+    try:
+        with database.transaction() as conn:
+            _, secret = enrollment.create_token(conn, created_by="test", group=group)
+        with database.transaction() as conn:
+            facts = agents.HostFacts(hostname=hostname, machine_id=f"machine-{hostname}-0001", os_name="linux",
+                                     os_version="12", architecture="x86_64", agent_version="1.0.0",
+                                     addresses=("192.0.2.10",), labels={"env": "prod"})
+            agent, _ = agents.register_agent(conn, token_secret=secret, facts=facts)
+        return agent.id
+    finally:
+        database.close()
+
+
+def test_agents_list_show_delete(cli_env):
+    import redis
+
+    web = enroll_agent(cli_env, "web-1", "web")
+    enroll_agent(cli_env, "db-1", "db")
+    listener = redis.Redis.from_url(cli_env["AGENTMGR_REDIS_URL"]).pubsub()
+    listener.subscribe("agentmgr:revocations")
+
+    listing = json.loads(agentmgr(cli_env, "-o", "json", "agents", "list", "--group", "web").stdout)
+    shown = json.loads(agentmgr(cli_env, "-o", "json", "agents", "show", str(web)).stdout)
+    queued = json.loads(agentmgr(cli_env, "-o", "json", "command", "run", str(web), "uptime").stdout)
+    deleted = agentmgr(cli_env, "-o", "json", "agents", "delete", str(web))
+    messages = [m for m in iter(lambda: listener.get_message(timeout=2), None) if m["type"] == "message"]
+    after = json.loads(agentmgr(cli_env, "-o", "json", "agents", "list").stdout)
+    table = agentmgr(cli_env, "agents", "list", "--all")
+
+    assert [item["hostname"] for item in listing["items"]] == ["web-1"]
+    assert listing["items"][0]["status"] == "never_connected"
+    assert shown["labels"] == {"env": "prod"}
+    assert deleted.returncode == 0
+    assert json.loads(deleted.stdout)["status"] == "revoked"
+    assert json.loads(deleted.stdout)["cancelled_command_ids"] == [queued["id"]]
+    assert [json.loads(m["data"])["agent_id"] for m in messages] == [str(web)]
+    assert [item["hostname"] for item in after["items"]] == ["db-1"]
+    assert "revoked" in table.stdout
+
+
+def test_command_run_list_cancel(cli_env):
+    agent_id = enroll_agent(cli_env)
+
+    queued = agentmgr(cli_env, "-o", "json", "command", "run", str(agent_id), "echo hi", "--timeout", "30s", "--reason", "check")
+    command = json.loads(queued.stdout)
+    listing = json.loads(agentmgr(cli_env, "-o", "json", "command", "list", "--agent", str(agent_id)).stdout)
+    cancelled = json.loads(agentmgr(cli_env, "-o", "json", "command", "cancel", command["id"]).stdout)
+    again = agentmgr(cli_env, "command", "cancel", command["id"])
+    shown = json.loads(agentmgr(cli_env, "-o", "json", "command", "show", command["id"]).stdout)
+
+    assert queued.returncode == 0, queued.stderr
+    assert command["state"] == "queued"
+    assert command["timeout_seconds"] == 30
+    assert command["reason"] == "check"
+    assert [item["id"] for item in listing["items"]] == [command["id"]]
+    assert cancelled["state"] == "cancelled"
+    assert again.returncode == 11
+    assert "allowed states" in again.stderr
+    assert shown["state"] == "cancelled"
+
+
+def test_command_for_unknown_agent(cli_env):
+    result = agentmgr(cli_env, "command", "run", "00000000-0000-0000-0000-000000000000", "true")
+
+    assert result.returncode == 10
+    assert "not found" in result.stderr

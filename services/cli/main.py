@@ -27,7 +27,7 @@ from services.cli.common import (
     page_request,
     vars_of,
 )
-from services.cli import updates
+from services.cli import fleet, updates
 from services.cli.output import FORMATS, TABLE, print_record, print_records
 from services.core.errors import AgentManagerError, ExitCode, RequestError, SettingsError, exit_code_for
 from services.core.fleet import apitokens, enrollment
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id", type=identifier)
     revoke.set_defaults(handler=apikey_revoke)
 
+    fleet.register(groups)
     updates.register(groups)
     return parser
 
