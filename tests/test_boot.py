@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -30,6 +31,15 @@ def health_status(home: Path, address: str) -> int:
     with grpc.secure_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+
+
+def agentmgr_status(stack, *, expect_healthy: bool = True) -> dict:
+    result = subprocess.run(
+        [str(VENV_BIN / "agentmgr"), "-o", "json", "status"],
+        env=stack.env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == (0 if expect_healthy else 1), result.stdout + result.stderr
+    return json.loads(result.stdout)
 
 
 def test_clean_boot_with_private_servers(home):
@@ -61,6 +71,13 @@ def test_clean_boot_with_private_servers(home):
         gateway_lines = stack.log_records("grpc_gateway")
         assert gateway_lines[-1]["message"].startswith("listening:")
 
+        # `agentmgr status` sees the same healthy stack with the same settings.
+        report = agentmgr_status(stack)
+        assert report["healthy"] is True
+        assert report["supervisord"]["programs"]["migrate"] == "EXITED (status 0)"
+        assert report["gateway"]["health"] == "SERVING"
+        assert report["redis"]["workers"] == 1
+
 
 def test_unreachable_database_then_recovery(home, redis_url, test_root):
     """migrate fails after its bounded wait; once PostgreSQL is up, `start migrate` brings all up."""
@@ -84,6 +101,9 @@ def test_unreachable_database_then_recovery(home, redis_url, test_root):
                 info = stack.info(program)
                 assert info["statename"] == "STOPPED"
                 assert info["start"] == 0, f"{program} was started"
+            report = agentmgr_status(stack, expect_healthy=False)
+            assert report["supervisord"]["programs"]["migrate"] == f"EXITED (status {int(ExitCode.DATABASE)})"
+            assert report["database"]["ok"] is False
 
             cluster.start()
             result = stack.ctl("start", "migrate")

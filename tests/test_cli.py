@@ -185,3 +185,19 @@ def test_command_for_unknown_agent(cli_env):
 
     assert result.returncode == 10
     assert "not found" in result.stderr
+
+
+def test_audit_list_filters(cli_env):
+    created = json.loads(agentmgr(cli_env, "-o", "json", "token", "create").stdout)
+    agentmgr(cli_env, "token", "revoke", created["id"])
+    agentmgr(cli_env, "apikey", "create", "bot")
+
+    everything = json.loads(agentmgr(cli_env, "-o", "json", "audit", "list").stdout)
+    revokes = json.loads(agentmgr(cli_env, "-o", "json", "audit", "list", "--action", "token.revoke").stdout)
+    by_target = json.loads(agentmgr(cli_env, "-o", "json", "audit", "list", "--target", created["id"]).stdout)
+
+    assert [item["action"] for item in everything["items"]] == ["token.create", "token.revoke", "apikey.create"]
+    assert all(item["actor"].startswith("cli:") for item in everything["items"])
+    assert all(item["outcome"] == "success" for item in everything["items"])
+    assert [item["action"] for item in revokes["items"]] == ["token.revoke"]
+    assert [item["action"] for item in by_target["items"]] == ["token.create", "token.revoke"]

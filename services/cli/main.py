@@ -27,7 +27,7 @@ from services.cli.common import (
     page_request,
     vars_of,
 )
-from services.cli import fleet, updates
+from services.cli import fleet, status, updates
 from services.cli.output import FORMATS, TABLE, print_record, print_records
 from services.core.errors import AgentManagerError, ExitCode, RequestError, SettingsError, exit_code_for
 from services.core.fleet import apitokens, enrollment
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(handler=apikey_revoke)
 
     fleet.register(groups)
+    status.register(groups)
     updates.register(groups)
     return parser
 

@@ -427,3 +427,26 @@ def _revoke(conn: psycopg2.extensions.connection, agent_id: uuid.UUID, *, reason
         extra={"agent_id": str(agent_id), "cancelled_commands": len(cancelled)},
     )
     return agent, cancelled
+
+
+def count_by_status(
+    conn: psycopg2.extensions.connection, *, now: datetime.datetime, thresholds: LivenessThresholds
+) -> dict[AgentStatus, int]:
+    """Count agents per status, with the same rule as ``list_agents``'s status filter."""
+    online_since = as_utc(now) - datetime.timedelta(seconds=thresholds.offline_after_seconds)
+    with conn.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT CASE
+                     WHEN revoked_at IS NOT NULL THEN 'revoked'
+                     WHEN last_seen_at IS NULL THEN 'never_connected'
+                     WHEN last_seen_at >= %s THEN 'online'
+                     ELSE 'offline'
+                   END AS status, count(*)
+            FROM agents GROUP BY 1
+            """,
+            (online_since,),
+        )
+        counts = {status: 0 for status in AgentStatus}
+        counts.update({AgentStatus(row[0]): row[1] for row in cursor.fetchall()})
+    return counts
