@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test
+.PHONY: run test install
 
 $(STAMP): setup.cfg pyproject.toml scripts/bootstrap
 	scripts/bootstrap
@@ -17,3 +17,7 @@ run: $(STAMP)
 ## test: run the whole test suite against private PostgreSQL and Redis servers
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+## install: install under PREFIX (default /opt/agent-manager) with a systemd unit; as root, or with DESTDIR
+install:
+	scripts/install
