@@ -79,6 +79,9 @@ def test_install_registers_and_stores_credentials(gateway: GatewayProcess, host:
     key = (host.config_dir / "agent.key").read_text()
     assert key.startswith("amkey_")
     assert key.strip() not in finished.stdout + finished.stderr
+    assert "installed: agent" in host.log_text()
+    assert key.strip() not in host.log_text()
+    assert token not in host.log_text()
 
     agent = fleet_agent(database_url, agent_id)
     assert agent.machine_id == host.env["AGENTMGR_AGENT_MACHINE_ID"]
