@@ -257,15 +257,19 @@ def test_session_rejects_invalid_hello_facts(channel, stack) -> None:
 def test_download_artifact_statuses(channel, stack) -> None:
     agent = Agent.register(channel, stack.enrollment_token())
     stub = agent_pb2_grpc.AgentServiceStub(channel)
-    request = agent_pb2.DownloadArtifactRequest(release_id=str(uuid.uuid4()))
+    unknown = agent_pb2.DownloadArtifactRequest(release_id=str(uuid.uuid4()))
+    malformed = agent_pb2.DownloadArtifactRequest(release_id="../../etc/passwd")
 
     with pytest.raises(grpc.RpcError) as anonymous:
-        list(stub.DownloadArtifact(request, timeout=CALL_TIMEOUT_SECONDS))
-    with pytest.raises(grpc.RpcError) as authenticated:
-        list(stub.DownloadArtifact(request, metadata=agent.metadata, timeout=CALL_TIMEOUT_SECONDS))
+        list(stub.DownloadArtifact(unknown, timeout=CALL_TIMEOUT_SECONDS))
+    with pytest.raises(grpc.RpcError) as missing:
+        list(stub.DownloadArtifact(unknown, metadata=agent.metadata, timeout=CALL_TIMEOUT_SECONDS))
+    with pytest.raises(grpc.RpcError) as invalid:
+        list(stub.DownloadArtifact(malformed, metadata=agent.metadata, timeout=CALL_TIMEOUT_SECONDS))
 
     assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert authenticated.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_every_handler_checks_credentials() -> None:

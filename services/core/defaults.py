@@ -113,6 +113,10 @@ expires when the request does not set one."""
 DEFAULT_GATEWAY_DB_CONNECTIONS = 10
 """AGENTMGR_GATEWAY_DB_CONNECTIONS: maximum PostgreSQL connections per gateway process."""
 
+DEFAULT_GATEWAY_MAX_DOWNLOADS = 32
+"""AGENTMGR_GATEWAY_MAX_DOWNLOADS: artifact downloads one gateway process serves at once; more
+wait up to 10 s for a slot, then get RESOURCE_EXHAUSTED."""
+
 DEFAULT_UPDATES_UPSTREAM = ""
 """AGENTMGR_UPDATES_UPSTREAM: where the updater fetches releases: an absolute folder path or an
 https:// URL, either holding index.json. Empty means no upstream (publish releases by hand)."""

@@ -63,6 +63,7 @@ class Settings:
     command_wait_max_seconds: float
     command_expires_seconds: float
     gateway_db_connections: int
+    gateway_max_downloads: int
     updates_upstream: str
     """Folder path or https:// URL of the release index; empty when there is none."""
     updates_fetch_interval_seconds: float
@@ -162,6 +163,9 @@ class Settings:
             ),
             gateway_db_connections=int(
                 env.number("AGENTMGR_GATEWAY_DB_CONNECTIONS", defaults.DEFAULT_GATEWAY_DB_CONNECTIONS, minimum=1)
+            ),
+            gateway_max_downloads=int(
+                env.number("AGENTMGR_GATEWAY_MAX_DOWNLOADS", defaults.DEFAULT_GATEWAY_MAX_DOWNLOADS, minimum=1)
             ),
             updates_upstream=env.upstream("AGENTMGR_UPDATES_UPSTREAM"),
             updates_fetch_interval_seconds=env.number(

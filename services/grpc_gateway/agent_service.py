@@ -12,7 +12,7 @@ import grpc.aio
 
 from agentmanager.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from services.core.errors import InvalidArgument, RequestError
-from services.core.fleet import agents, commands
+from services.core.fleet import agents, commands, releases, rollouts
 from services.core.logs import bind_context
 from services.grpc_gateway import convert
 from services.grpc_gateway.auth import AgentCaller, Authenticator, RegisterRateLimiter, peer_host
@@ -35,8 +35,23 @@ class HelloTimeout(RequestError):
     grpc_code_name = "DEADLINE_EXCEEDED"
 
 
-class Unimplemented(RequestError):
-    grpc_code_name = "UNIMPLEMENTED"
+class TooManyDownloads(RequestError):
+    grpc_code_name = "RESOURCE_EXHAUSTED"
+
+
+ARTIFACT_CHUNK_BYTES = 256 * 1024
+"""Bytes per ArtifactChunk, lowered to fit AGENTMGR_GRPC_MAX_MESSAGE_BYTES when that is smaller."""
+CHUNK_OVERHEAD_BYTES = 1024
+"""Room left in each message for the chunk's other fields and protobuf framing."""
+DOWNLOAD_SLOT_WAIT_SECONDS = 10.0
+"""How long a download waits for a free slot before RESOURCE_EXHAUSTED."""
+
+
+def parse_uuid(text: str, field: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise InvalidArgument(field, f"invalid {field} {text[:64]!r}: expected a UUID") from None
 
 
 def parse_command_id(text: str) -> uuid.UUID:
@@ -63,6 +78,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.sessions = router.sessions
         self.liveness = liveness
         self.rate_limiter = RegisterRateLimiter(runtime)
+        self.release_store = releases.store_from_settings(runtime.settings)
+        self.downloads = asyncio.Semaphore(runtime.settings.gateway_max_downloads)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self, server)
@@ -127,6 +144,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         with bind_context(session_id=session.session_id):
             reader: asyncio.Task[None] | None = None
             try:
+                if hello.HasField("facts"):
+                    # A new version reports here after a self-update, which rollouts check.
+                    facts = convert.host_facts_from_proto(hello.facts)
+                    await self.runtime.db(agents.update_reported_facts, caller.agent_id, facts)
                 await self.router.claim_session(session)
                 logger.info(
                     "connected: agent %s (version %s)", caller.agent_id, hello.agent_version,
@@ -154,8 +175,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if message.WhichOneof("body") != "hello":
             raise InvalidArgument("hello", "the first message of a session must be hello")
         if message.hello.HasField("facts"):
-            # NOTE: the facts are only validated. The fleet layer has no function yet to store
-            # them, so a changed agent_version or address shows only after a new Register.
             agents.validate_host_facts(convert.host_facts_from_proto(message.hello.facts))
         return message.hello
 
@@ -216,12 +235,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         elif kind == "command_result":
             await self.store_result(session, message.command_result)
         elif kind == "update_status":
-            status = message.update_status
-            # NOTE: update progress is only logged until the rollout module stores it.
-            logger.info(
-                "update: %s on agent %s (%s)", agent_pb2.UpdateState.Name(status.state), agent_id, status.reason,
-                extra={"rollout_id": status.rollout_id, "release_id": status.release_id, "agent_version": status.agent_version},
-            )
+            await self.store_update_status(agent_id, message.update_status)
         elif kind == "hello":
             raise InvalidArgument("hello", "hello is only allowed as the first message of a session")
         else:
@@ -251,6 +265,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 logger.info("ignored: duplicate result of command %s", command_id)
             session.send(agent_pb2.ServerMessage(result_stored=agent_pb2.ResultStored(command_id=str(command_id))))
 
+    async def store_update_status(self, agent_id: uuid.UUID, status: agent_pb2.UpdateStatus) -> None:
+        if status.state not in convert.UPDATE_STATE_FROM_PROTO:
+            raise InvalidArgument("update_status.state", f"invalid update state {status.state}: set a reported state")
+        rollout_id = parse_uuid(status.rollout_id, "update_status.rollout_id")
+        state = convert.UPDATE_STATE_FROM_PROTO[status.state]
+        with bind_context(rollout_id=str(rollout_id)):
+            changed = await self.runtime.db(
+                rollouts.record_agent_update, rollout_id, agent_id,
+                state=state, agent_version=status.agent_version, reason=status.reason[:1000],
+            )
+            logger.info(
+                "update: %s on agent %s%s", state.value, agent_id, "" if changed else " (already recorded)",
+                extra={"release_id": status.release_id, "agent_version": status.agent_version, "reason": status.reason[:200]},
+            )
+
     async def end_session(self, session: AgentSession) -> None:
         """Release the session key and record the last sign of life, logging errors without raising them."""
         try:
@@ -265,6 +294,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def DownloadArtifact(
         self, request: agent_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext, caller: AgentCaller
     ) -> None:
-        # NOTE: no release store exists yet, so every download is UNIMPLEMENTED. Agents can tell
-        # that apart from a missing release, which will get NOT_FOUND.
-        raise Unimplemented("artifact download is not available on this manager version")
+        release_id = parse_uuid(request.release_id, "release_id")
+        release = await self.runtime.db(releases.get_release, release_id)
+        if not 0 <= request.offset <= release.size_bytes:
+            raise InvalidArgument("offset", f"invalid offset {request.offset}: expected 0 to {release.size_bytes}")
+        # The path comes from the stored digest, never from the request.
+        path = self.release_store.path_for(release.sha256)
+        try:
+            await asyncio.wait_for(self.downloads.acquire(), DOWNLOAD_SLOT_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            raise TooManyDownloads(
+                f"all {self.runtime.settings.gateway_max_downloads} download slots are busy; retry later"
+            ) from None
+        try:
+            with bind_context(release_id=str(release_id)):
+                logger.info("serving: release %s from byte %d", release.version, request.offset)
+                with open(path, "rb") as artifact:
+                    artifact.seek(request.offset)
+                    offset = request.offset
+                    chunk_bytes = min(ARTIFACT_CHUNK_BYTES, self.runtime.settings.grpc_max_message_bytes - CHUNK_OVERHEAD_BYTES)
+                    while chunk := await asyncio.to_thread(artifact.read, chunk_bytes):
+                        await context.write(agent_pb2.ArtifactChunk(offset=offset, data=chunk, total_size=release.size_bytes))
+                        offset += len(chunk)
+        finally:
+            self.downloads.release()

@@ -8,6 +8,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from agentmanager.v1 import agent_pb2, common_pb2, panel_pb2
 from services.core.fleet.agents import HostFacts
+from services.core.fleet.rollouts import AgentUpdateState, UpdateNotice
 from services.core.fleet.models import Agent, AgentStatus, Command, CommandState, EnrollmentToken, TokenState
 
 AGENT_STATUS_TO_PROTO = {
@@ -133,4 +134,29 @@ def token_to_proto(token: EnrollmentToken) -> panel_pb2.EnrollmentToken:
         last_used_at=timestamp(token.last_used_at),
         revoked_at=timestamp(token.revoked_at),
         state=TOKEN_STATE_TO_PROTO[token.state],
+    )
+
+
+UPDATE_STATE_FROM_PROTO = {
+    agent_pb2.UPDATE_STATE_DOWNLOADING: AgentUpdateState.DOWNLOADING,
+    agent_pb2.UPDATE_STATE_INSTALLING: AgentUpdateState.INSTALLING,
+    agent_pb2.UPDATE_STATE_SUCCEEDED: AgentUpdateState.SUCCEEDED,
+    agent_pb2.UPDATE_STATE_FAILED: AgentUpdateState.FAILED,
+    agent_pb2.UPDATE_STATE_ROLLED_BACK: AgentUpdateState.ROLLED_BACK,
+}
+
+
+def update_notice(notice: UpdateNotice) -> agent_pb2.ServerMessage:
+    release = notice.release
+    return agent_pb2.ServerMessage(
+        update_notice=agent_pb2.UpdateNotice(
+            rollout_id=str(notice.rollout_id),
+            release_id=str(release.id),
+            version=release.version,
+            size_bytes=release.size_bytes,
+            sha256=release.sha256,
+            manifest=release.manifest_bytes,
+            signature=release.signature,
+            deadline=timestamp(notice.deadline_at),
+        )
     )

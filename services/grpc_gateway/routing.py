@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import redis.exceptions
 
-from services.core.fleet import agents, commands
+from services.core.fleet import agents, commands, rollouts
 from services.core.fleet.models import UNSTARTED_STATES, Command, utc_now
 from services.core.logs import bind_context
 from services.grpc_gateway import convert
@@ -206,7 +206,11 @@ class Router:
     # Delivery to local sessions.
 
     async def deliver_pending(self, session: AgentSession) -> int:
-        """Send every queued or sent, unexpired command of the agent and return how many were sent."""
+        """Send every queued or sent, unexpired command and every in-flight update notice of the agent.
+
+        Returns how many commands were sent.
+        """
+        await self.deliver_update_notices(session)
         pending = await self.runtime.db(take_pending, session.agent_id)
         sent = 0
         for command in pending:
@@ -229,6 +233,24 @@ class Router:
             return
         session.send(convert.command_request(command))
         logger.info("sent: command %s", command_id)
+
+    async def deliver_update_notices(self, session: AgentSession, rollout_id: uuid.UUID | None = None) -> int:
+        """Send the agent's in-flight update notices (of one rollout, if given) not yet sent on this stream."""
+        notices = await self.runtime.db(rollouts.in_flight_notices, session.agent_id)
+        sent = 0
+        for notice in notices:
+            if rollout_id is not None and notice.rollout_id != rollout_id:
+                continue
+            if notice.rollout_id in session.delivered_rollout_ids:
+                continue
+            session.delivered_rollout_ids.add(notice.rollout_id)
+            session.send(convert.update_notice(notice))
+            sent += 1
+            logger.info(
+                "sent: update notice of release %s", notice.release.version,
+                extra={"rollout_id": str(notice.rollout_id), "release_id": str(notice.release.id)},
+            )
+        return sent
 
     # Receiving.
 
@@ -285,6 +307,9 @@ class Router:
                 self.waiters.notify(uuid.UUID(payload["command_id"]))
             elif payload.get("kind") == "command":
                 self.on_command(uuid.UUID(payload["agent_id"]), uuid.UUID(payload["command_id"]))
+            elif payload.get("kind") == "update_notice":
+                agent_id = uuid.UUID(payload["agent_id"])
+                self.on_update_notice(agent_id, uuid.UUID(payload["rollout_id"]))
             elif payload.get("kind") == "supersede":
                 agent_id = uuid.UUID(payload["agent_id"])
                 self._spawn(self.on_supersede(agent_id), agent_id=str(agent_id))
@@ -322,6 +347,20 @@ class Router:
             # The agent left, so the command is sent from PostgreSQL when it reconnects.
             return
         self._spawn(self._deliver_logged(session, command_id), agent_id=str(agent_id), command_id=str(command_id))
+
+    def on_update_notice(self, agent_id: uuid.UUID, rollout_id: uuid.UUID) -> None:
+        session = self.sessions.get(agent_id)
+        if session is None:
+            # The agent left; its in-flight notice is sent again when it reconnects.
+            return
+        self._spawn(self._deliver_notices_logged(session, rollout_id), agent_id=str(agent_id), rollout_id=str(rollout_id))
+
+    async def _deliver_notices_logged(self, session: AgentSession, rollout_id: uuid.UUID) -> None:
+        try:
+            await self.deliver_update_notices(session, rollout_id)
+        except Exception as error:  # noqa: BLE001 - the agent gets the notice on reconnect
+            logger.warning("failed: sending update notice of rollout %s (%s)", rollout_id, error,
+                           extra={"rollout_id": str(rollout_id), "error": str(error)})
 
     async def redeliver_all(self) -> None:
         """Resynchronise every local session after messages may have been lost in a Redis outage."""

@@ -47,6 +47,8 @@ class AgentSession:
         self.outbox: asyncio.Queue[agent_pb2.ServerMessage | CloseRequest] = asyncio.Queue(OUTBOX_MAX_MESSAGES + 1)
         self.delivered_command_ids: set[uuid.UUID] = set()
         """Commands written to this stream, so a routed command and the reconnect scan never send one twice."""
+        self.delivered_rollout_ids: set[uuid.UUID] = set()
+        """Rollouts whose update notice was written to this stream."""
         self.closing: CloseRequest | None = None
 
     def send(self, message: agent_pb2.ServerMessage) -> None:

@@ -450,3 +450,25 @@ def count_by_status(
         counts = {status: 0 for status in AgentStatus}
         counts.update({AgentStatus(row[0]): row[1] for row in cursor.fetchall()})
     return counts
+
+
+def update_reported_facts(conn: psycopg2.extensions.connection, agent_id: uuid.UUID, facts: HostFacts) -> None:
+    """Store the host facts an agent reports when its session opens (version, OS, addresses).
+
+    The machine id and the labels stay as enrolled: a changed machine id needs a
+    new enrollment, and labels belong to the operator.
+
+    Raises:
+        InvalidArgument: a fact is invalid; ``field`` names it.
+    """
+    checked = validate_host_facts(facts)
+    with conn.cursor() as cursor:
+        cursor.execute(
+            """
+            UPDATE agents SET hostname = %s, os_name = %s, os_version = %s, architecture = %s,
+                              agent_version = %s, addresses = %s
+            WHERE id = %s AND revoked_at IS NULL
+            """,
+            (checked.hostname, checked.os_name, checked.os_version, checked.architecture,
+             checked.agent_version, list(checked.addresses), agent_id),
+        )
