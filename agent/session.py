@@ -8,8 +8,8 @@ cancellation that reaches each of them, and a cancelled command kills its
 process group.
 
 ``AgentRunner.serve()`` runs ``startup()``, ``main_loop()`` and ``shutdown()``.
-Signal handlers only set ``should_exit``. Commands outlive a lost session:
-their results are kept in the journal and sent on the next one.
+Signal handlers only set ``should_exit``. ``agent.commands`` runs the
+commands that sessions deliver.
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
-from google.protobuf import duration_pb2, timestamp_pb2
 
 from agentmanager.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 from agent import __version__
+from agent.commands import CommandRunner, seconds_of, timestamp_now
 from agent.config import AgentSettings, InstalledConfig, load_config
 from agent.errors import NotInstalledError, RevokedError
-from agent.executor import execute
 from agent.hostfacts import collect_host_facts
-from agent.journal import EntryState, Journal, command_key
+from agent.journal import Journal
 from agent.logs import bind_context
 from agent.status import ConnectionState, StatusFile
 
@@ -50,31 +49,11 @@ KEEPALIVE_TIME_SECONDS = 30.0
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
 SETTINGS_TIMEOUT_SECONDS = 30.0
 """Time the gateway has to send SessionSettings on a new session."""
-FALLBACK_TIMEOUT_SECONDS = 3600.0
-"""Timeout of a command whose request carries none (the gateway always sets one)."""
 FAILURE_SUMMARY_EVERY = 20
 """After the first failure is logged, every this many further failures log one summary line."""
-SHUTDOWN_COMMANDS_SECONDS = 15.0
-"""Time running commands get at shutdown to be killed and reaped."""
 REINSTALL_WAIT_SECONDS = 5.0
 """Time a revoked agent looks for a newer install in its config folder before it exits."""
 REINSTALL_POLL_SECONDS = 0.2
-
-
-def seconds_of(message: duration_pb2.Duration) -> float:
-    return message.seconds + message.nanos / 1_000_000_000
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    message = duration_pb2.Duration()
-    message.FromNanoseconds(int(seconds * 1_000_000_000))
-    return message
-
-
-def timestamp_now() -> timestamp_pb2.Timestamp:
-    message = timestamp_pb2.Timestamp()
-    message.GetCurrentTime()
-    return message
 
 
 def backoff_delay(failures: int, *, base: float, cap: float) -> float:
@@ -100,12 +79,13 @@ class AgentRunner:
         self.journal = journal
         self.status = status
         self.should_exit = asyncio.Event()
-        self.slots = asyncio.Semaphore(settings.max_concurrent_commands)
-        self.running: set[str] = set()
-        """Ids of commands accepted in this process and not finished, including those waiting for a slot."""
-        self.started_count = 0
-        """Commands that hold a slot and run now."""
-        self.command_tasks: set[asyncio.Task[None]] = set()
+        self.commands = CommandRunner(
+            journal=journal,
+            send=self.send,
+            max_concurrent=settings.max_concurrent_commands,
+            kill_grace_seconds=settings.kill_grace_seconds,
+            max_output_bytes=lambda: self.max_output_bytes,
+        )
         self.outbox: asyncio.Queue[agent_pb2.AgentMessage | None] | None = None
         """The current session's outgoing messages; None while disconnected."""
         self.session_settings = common_pb2.SessionSettings()
@@ -138,13 +118,7 @@ class AgentRunner:
 
     async def startup(self) -> None:
         """Report commands that an earlier process left unfinished, and prune the journal."""
-        for command_id in self.journal.interrupted():
-            result = agent_pb2.CommandResult(
-                command_id=command_id,
-                error="interrupted: the agent stopped while the command ran; it is not run again",
-            )
-            self.journal.record_result(result)
-            logger.warning("interrupted: command %s (the agent stopped while it ran)", command_id, extra={"command_id": command_id})
+        self.commands.report_interrupted()
         pruned = self.journal.prune()
         if pruned:
             logger.info("pruned: %d old journal entries", pruned)
@@ -252,12 +226,7 @@ class AgentRunner:
     async def shutdown(self) -> None:
         """Kill running commands (their entries report them as interrupted on the next start); safe to repeat."""
         self.should_exit.set()
-        tasks = [task for task in self.command_tasks if not task.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_COMMANDS_SECONDS)
-            logger.info("stopped: %d running command(s) killed (%d did not stop in time)", len(tasks), len(pending))
+        await self.commands.stop()
         if self.status.document.get("state") != ConnectionState.REVOKED.value:
             self.status.update(ConnectionState.STOPPED)
 
@@ -301,7 +270,7 @@ class AgentRunner:
                     raise SessionEnded("the gateway did not start the session with its settings")
                 self.apply_settings(first.settings)
                 self.outbox = outbox
-                self.resend_unconfirmed()
+                self.commands.resend_unconfirmed()
                 heartbeat = asyncio.create_task(self.send_heartbeats(outbox))
                 while (message := await call.read()) is not grpc.aio.EOF:
                     self.handle_server_message(message)
@@ -376,7 +345,7 @@ class AgentRunner:
     async def send_heartbeats(self, outbox: asyncio.Queue[agent_pb2.AgentMessage | None]) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
-            heartbeat = agent_pb2.Heartbeat(sent_at=timestamp_now(), running_commands=self.started_count)
+            heartbeat = agent_pb2.Heartbeat(sent_at=timestamp_now(), running_commands=self.commands.started_count)
             outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=heartbeat))
 
     def send(self, message: agent_pb2.AgentMessage) -> bool:
@@ -386,21 +355,14 @@ class AgentRunner:
         self.outbox.put_nowait(message)
         return True
 
-    def resend_unconfirmed(self) -> None:
-        results = self.journal.unconfirmed_results()
-        for result in results:
-            self.send(agent_pb2.AgentMessage(command_result=result))
-        if results:
-            logger.info("resent: %d result(s) the manager has not confirmed", len(results), extra={"results": len(results)})
-
     # Messages from the gateway.
 
     def handle_server_message(self, message: agent_pb2.ServerMessage) -> None:
         kind = message.WhichOneof("body")
         if kind == "command_request":
-            self.accept_command(message.command_request)
+            self.commands.accept(message.command_request)
         elif kind == "result_stored":
-            self.confirm_result(message.result_stored.command_id)
+            self.commands.confirm_result(message.result_stored.command_id)
         elif kind == "settings":
             self.apply_settings(message.settings)
         elif kind == "update_notice":
@@ -411,110 +373,3 @@ class AgentRunner:
             )
         else:
             logger.warning("skipped: server message of unknown kind %r (newer gateway?)", kind)
-
-    def confirm_result(self, command_id: str) -> None:
-        try:
-            known = self.journal.mark_stored(command_id)
-        except ValueError:
-            logger.warning("skipped: result confirmation with invalid command id %r", command_id[:64])
-            return
-        except OSError as error:
-            logger.error("failed: recording the stored result of command %s (%s)", command_id, error, extra={"command_id": command_id})
-            return
-        if known:
-            logger.debug("confirmed: result of command %s", command_id, extra={"command_id": command_id})
-
-    def accept_command(self, request: agent_pb2.CommandRequest) -> None:
-        """Start ``request`` unless its id ran already, is running, or it expired."""
-        try:
-            command_id = command_key(request.command_id)
-        except ValueError:
-            logger.warning("skipped: command request with invalid id %r", request.command_id[:64])
-            return
-        with bind_context(command_id=command_id):
-            if command_id in self.running:
-                logger.info("skipped: command %s (already running)", command_id)
-                return
-            state = self.journal.state(command_id)
-            if state is EntryState.FINISHED:
-                # The manager may have lost the result: send the kept copy again.
-                kept = self.journal.result(command_id)
-                if kept is not None:
-                    self.send(agent_pb2.AgentMessage(command_result=kept))
-                logger.info("skipped: command %s (already run; result resent)", command_id)
-                return
-            if state is not None:
-                logger.info("skipped: command %s (already run)", command_id)
-                return
-            self.running.add(command_id)
-            task = asyncio.create_task(self.run_command(command_id, request))
-            self.command_tasks.add(task)
-            task.add_done_callback(self.command_tasks.discard)
-
-    async def run_command(self, command_id: str, request: agent_pb2.CommandRequest) -> None:
-        """Run one accepted command in a slot, journal its result and send it."""
-        try:
-            async with self.slots:
-                if self.should_exit.is_set():
-                    return
-                if request.HasField("expires_at") and request.expires_at.ToDatetime(datetime.timezone.utc) <= datetime.datetime.now(datetime.timezone.utc):
-                    result = agent_pb2.CommandResult(
-                        command_id=command_id,
-                        error=f"not started: the command expired at {request.expires_at.ToJsonString()} before the agent could start it",
-                    )
-                    self.finish(result)
-                    return
-                try:
-                    self.journal.record_started(command_id)
-                except OSError as error:
-                    logger.error("failed: journaling command %s (%s); not running it", command_id, error)
-                    self.send(agent_pb2.AgentMessage(command_result=agent_pb2.CommandResult(
-                        command_id=command_id, error=f"not started: the agent cannot write its journal ({error})",
-                    )))
-                    return
-                self.send(agent_pb2.AgentMessage(command_ack=agent_pb2.CommandAck(command_id=command_id, started_at=timestamp_now())))
-                timeout = seconds_of(request.timeout)
-                if timeout <= 0:
-                    logger.warning("defaulted: command %s has no timeout; using %gs", command_id, FALLBACK_TIMEOUT_SECONDS)
-                    timeout = FALLBACK_TIMEOUT_SECONDS
-                logger.info("started: command %s (timeout %gs)", command_id, timeout)
-                self.started_count += 1
-                try:
-                    execution = await execute(
-                        request.command_line,
-                        timeout_seconds=timeout,
-                        max_output_bytes=self.max_output_bytes,
-                        kill_grace_seconds=self.settings.kill_grace_seconds,
-                    )
-                finally:
-                    self.started_count -= 1
-                result = agent_pb2.CommandResult(
-                    command_id=command_id,
-                    exit_code=execution.exit_code,
-                    stdout=execution.stdout,
-                    stderr=execution.stderr,
-                    stdout_truncated=execution.stdout_truncated,
-                    stderr_truncated=execution.stderr_truncated,
-                    duration=duration(execution.duration_seconds),
-                    timed_out=execution.timed_out,
-                    error=execution.error,
-                )
-                logger.info(
-                    "finished: command %s (exit code %s%s)", command_id, execution.exit_code,
-                    ", timed out" if execution.timed_out else "",
-                    extra={"exit_code": execution.exit_code, "timed_out": execution.timed_out,
-                           "duration_seconds": round(execution.duration_seconds, 3)},
-                )
-                self.finish(result)
-        finally:
-            self.running.discard(command_id)
-
-    def finish(self, result: agent_pb2.CommandResult) -> None:
-        """Keep ``result`` in the journal and send it if a session is open."""
-        try:
-            self.journal.record_result(result)
-        except OSError as error:
-            # Sent anyway; only a resend after a reconnect is lost.
-            logger.error("failed: journaling the result of command %s (%s)", result.command_id, error)
-        if not self.send(agent_pb2.AgentMessage(command_result=result)):
-            logger.info("kept: result of command %s until the manager is reachable", result.command_id)

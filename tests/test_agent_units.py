@@ -320,7 +320,7 @@ def test_second_run_same_state_rejected(tmp_path: Path) -> None:
 
 def test_agent_imports_no_server_code() -> None:
     """The agent runs on hosts without the manager's server side, so it must not import ``services``."""
-    modules = "agent.cli, agent.session, agent.enroll, agent.executor, agent.journal, agent.hostfacts, agent.trust"
+    modules = "agent.cli, agent.session, agent.commands, agent.enroll, agent.executor, agent.journal, agent.hostfacts, agent.trust"
     probe = f"import sys, {modules}; print(sorted(name for name in sys.modules if name.split('.')[0] == 'services'))"
 
     finished = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
