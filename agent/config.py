@@ -47,6 +47,12 @@ DEFAULT_KILL_GRACE_SECONDS = 5.0
 """AGENTMGR_AGENT_KILL_GRACE_SECONDS: time, in seconds, between SIGTERM and SIGKILL to the process
 group of a command that passed its timeout."""
 
+DEFAULT_UPDATE_HEALTH_TIMEOUT_SECONDS = 120.0
+"""AGENTMGR_AGENT_UPDATE_HEALTH_TIMEOUT_SECONDS: time, in seconds, a newly installed version has to
+open a session with the manager before the launcher rolls back to the previous version. Keep it
+well below the rollout's agent timeout (``agentmgr updates rollout --agent-timeout``), so the
+rollback is reported before the manager counts the agent as timed out."""
+
 DEFAULT_MACHINE_ID = ""
 """AGENTMGR_AGENT_MACHINE_ID: machine id to report instead of /etc/machine-id, for cloned images
 that share one. Empty means /etc/machine-id, else an id generated once and kept in the config folder."""
@@ -57,6 +63,7 @@ CONFIG_FILE = "config.json"
 CA_FILE = "ca.pem"
 KEY_FILE = "agent.key"
 MACHINE_ID_FILE = "machine-id"
+TRUSTED_PUBLISHERS_FILE = "trusted_publishers.pub"
 
 _ADDRESS = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]{1,5})")
 
@@ -86,6 +93,7 @@ class AgentSettings:
     backoff_cap_seconds: float
     max_concurrent_commands: int
     kill_grace_seconds: float
+    update_health_timeout_seconds: float
     machine_id: str
 
     @classmethod
@@ -142,6 +150,9 @@ class AgentSettings:
             backoff_cap_seconds=cap,
             max_concurrent_commands=int(concurrency),
             kill_grace_seconds=number("AGENTMGR_AGENT_KILL_GRACE_SECONDS", DEFAULT_KILL_GRACE_SECONDS, 0),
+            update_health_timeout_seconds=number(
+                "AGENTMGR_AGENT_UPDATE_HEALTH_TIMEOUT_SECONDS", DEFAULT_UPDATE_HEALTH_TIMEOUT_SECONDS, 1
+            ),
             machine_id=text("AGENTMGR_AGENT_MACHINE_ID", DEFAULT_MACHINE_ID),
         )
 
@@ -161,6 +172,9 @@ class InstalledConfig:
     labels: dict[str, str]
     installed_at: str
     """ISO 8601 UTC time of the install."""
+    trusted_publisher_keys: tuple[str, ...] = ()
+    """Publisher public keys pinned at install, one ``ed25519 BASE64 [comment]`` line each; the only
+    keys whose signatures make a release installable."""
 
 
 def is_installed(config_dir: Path) -> bool:
@@ -191,6 +205,7 @@ def load_config(config_dir: Path) -> InstalledConfig:
             ca_fingerprint=str(document.get("ca_fingerprint", "")),
             labels={str(key): str(value) for key, value in document.get("labels", {}).items()},
             installed_at=str(document.get("installed_at", "")),
+            trusted_publisher_keys=read_trusted_publisher_keys(config_dir),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise NotInstalledError(
@@ -203,7 +218,7 @@ def load_config(config_dir: Path) -> InstalledConfig:
 
 
 def save_config(config_dir: Path, config: InstalledConfig) -> None:
-    """Write the install into ``config_dir`` (mode 0700): CA, key (0600), then config.json.
+    """Write the install into ``config_dir`` (mode 0700): CA, publisher keys, key (0600), then config.json.
 
     Each file is replaced atomically, and config.json comes last, so a crash
     leaves either the previous complete install or an incomplete one that
@@ -214,6 +229,8 @@ def save_config(config_dir: Path, config: InstalledConfig) -> None:
     """
     make_private_folder(config_dir)
     write_atomically(config_dir / CA_FILE, config.ca_pem, mode=0o644)
+    publisher_keys = "".join(f"{line}\n" for line in config.trusted_publisher_keys)
+    write_atomically(config_dir / TRUSTED_PUBLISHERS_FILE, publisher_keys.encode(), mode=0o644)
     write_atomically(config_dir / KEY_FILE, config.agent_key.encode() + b"\n", mode=0o600)
     document: dict[str, Any] = {
         "manager": config.manager,
@@ -225,13 +242,29 @@ def save_config(config_dir: Path, config: InstalledConfig) -> None:
     write_atomically(config_dir / CONFIG_FILE, json.dumps(document, indent=2).encode() + b"\n", mode=0o600)
 
 
+def read_trusted_publisher_keys(config_dir: Path) -> tuple[str, ...]:
+    """Return the pinned publisher key lines, skipping blank lines and ``#`` comments.
+
+    A missing file (an install made before keys were pinned) means no key is trusted.
+
+    Raises:
+        OSError: the file exists but cannot be read.
+    """
+    try:
+        text = (config_dir / TRUSTED_PUBLISHERS_FILE).read_text()
+    except FileNotFoundError:
+        return ()
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
 def remove_config(config_dir: Path) -> list[Path]:
     """Delete the install's files (config.json first) and return the ones that existed.
 
     The generated machine id stays, because it identifies the host, not the install.
     """
     removed = []
-    for name in (CONFIG_FILE, KEY_FILE, CA_FILE):
+    for name in (CONFIG_FILE, KEY_FILE, CA_FILE, TRUSTED_PUBLISHERS_FILE):
         if remove_file(config_dir / name):
             removed.append(config_dir / name)
     return removed

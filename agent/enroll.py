@@ -111,6 +111,7 @@ def install(request: InstallRequest, *, config_dir: Path, machine_id: str = "") 
         ca_fingerprint=fingerprint,
         labels=request.labels,
         installed_at=utc_now_text(),
+        trusted_publisher_keys=tuple(response.trusted_publisher_keys),
     )
     try:
         save_config(config_dir, config)
@@ -120,9 +121,16 @@ def install(request: InstallRequest, *, config_dir: Path, machine_id: str = "") 
             "free space or fix permissions, then run install again with --replace and a token"
         ) from error
     logger.info(
-        "installed: agent %s in %s (group %s)", response.agent_id, config_dir, response.group or "none",
+        "installed: agent %s in %s (group %s, %d trusted publisher key(s))",
+        response.agent_id, config_dir, response.group or "none", len(response.trusted_publisher_keys),
         extra={"agent_id": response.agent_id, "manager": request.manager},
     )
+    if not response.trusted_publisher_keys:
+        logger.warning(
+            "pinned: no publisher keys, because the manager trusts none; this agent rejects every update "
+            "until it is installed again after the manager sets AGENTMGR_UPDATES_TRUSTED_KEYS_FILE",
+            extra={"agent_id": response.agent_id},
+        )
     return config
 
 

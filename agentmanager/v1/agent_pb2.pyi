@@ -7,7 +7,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -38,7 +38,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, enrollment_token: _Optional[str] = ..., facts: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("agent_id", "agent_key", "settings", "group", "labels")
+    __slots__ = ("agent_id", "agent_key", "settings", "group", "labels", "trusted_publisher_keys")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,12 +51,14 @@ class RegisterResponse(_message.Message):
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_PUBLISHER_KEYS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     agent_key: str
     settings: _common_pb2.SessionSettings
     group: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, agent_id: _Optional[str] = ..., agent_key: _Optional[str] = ..., settings: _Optional[_Union[_common_pb2.SessionSettings, _Mapping]] = ..., group: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    trusted_publisher_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., agent_key: _Optional[str] = ..., settings: _Optional[_Union[_common_pb2.SessionSettings, _Mapping]] = ..., group: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., trusted_publisher_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "command_ack", "command_result", "update_status")

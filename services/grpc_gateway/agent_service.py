@@ -11,9 +11,10 @@ import grpc
 import grpc.aio
 
 from agentmanager.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from services.core.errors import InvalidArgument, RequestError
+from services.core.errors import FailedPrecondition, InvalidArgument, RequestError
 from services.core.fleet import agents, commands, releases, rollouts
 from services.core.logs import bind_context
+from services.core.settings import Settings
 from services.grpc_gateway import convert
 from services.grpc_gateway.auth import AgentCaller, Authenticator, RegisterRateLimiter, peer_host
 from services.grpc_gateway.liveness import Liveness
@@ -61,6 +62,24 @@ def parse_command_id(text: str) -> uuid.UUID:
         raise InvalidArgument("command_id", f"invalid command_id {text[:64]!r}: expected a UUID") from None
 
 
+def trusted_publisher_key_lines(settings: Settings) -> list[str]:
+    """Read the manager's trusted publisher keys as ``ed25519 BASE64 [comment]`` lines, for agents to pin.
+
+    A missing file means no key is trusted, and then agents reject every update.
+
+    Raises:
+        FailedPrecondition: the file exists but cannot be read or contains an invalid line.
+    """
+    path = settings.trusted_keys_file
+    if not releases.trusted_keys_from_settings(settings):
+        return []
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise FailedPrecondition(f"failed to read the trusted publisher keys file {path}: {error.strerror}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """AgentService handlers, one instance per gateway process."""
 
@@ -102,6 +121,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Register(self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext, caller: None) -> agent_pb2.RegisterResponse:
         host = peer_host(context.peer())
         await self.rate_limiter.check(host)
+        # Read before the agent is created, so a broken key file fails the call and enrolls nothing.
+        publisher_keys = await asyncio.to_thread(trusted_publisher_key_lines, self.runtime.settings)
         try:
             if not request.enrollment_token:
                 raise InvalidArgument("enrollment_token", "missing enrollment_token: pass the token from `agentmgr token create`")
@@ -125,6 +146,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             settings=self.session_settings(),
             group=agent.group,
             labels=agent.labels,
+            trusted_publisher_keys=publisher_keys,
         )
 
     async def revoke_replaced(self, agent_id: uuid.UUID) -> None:
