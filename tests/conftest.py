@@ -88,4 +88,7 @@ def service_env(home: Path, database_url: str, redis_url: str) -> dict[str, str]
         "AGENTMGR_REDIS_URL": redis_url,
         "AGENTMGR_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
         "AGENTMGR_LOG_LEVEL": "INFO",
+        # Each test that checks metrics sets its own free ports.
+        "AGENTMGR_GATEWAY_METRICS_ADDRESS": "",
+        "AGENTMGR_UPDATER_METRICS_ADDRESS": "",
     }

@@ -346,5 +346,7 @@ TEST_SETTINGS = {
     "AGENTMGR_GRPC_MAX_MESSAGE_BYTES": str(64 * 1024),
     "AGENTMGR_REGISTER_FAILURE_LIMIT": "5",
     "AGENTMGR_COMMAND_WAIT_MAX_SECONDS": "10",
+    "AGENTMGR_GATEWAY_METRICS_ADDRESS": "",
+    "AGENTMGR_UPDATER_METRICS_ADDRESS": "",
 }
 """Short intervals so that liveness and routing tests finish in seconds."""

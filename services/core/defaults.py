@@ -117,6 +117,13 @@ DEFAULT_GATEWAY_MAX_DOWNLOADS = 32
 """AGENTMGR_GATEWAY_MAX_DOWNLOADS: artifact downloads one gateway process serves at once; more
 wait up to 10 s for a slot, then get RESOURCE_EXHAUSTED."""
 
+DEFAULT_GATEWAY_METRICS_ADDRESS = "127.0.0.1:9151"
+"""AGENTMGR_GATEWAY_METRICS_ADDRESS: HOST:PORT of the gateway's Prometheus endpoint; empty turns
+it off. Several gateway processes each need their own port."""
+
+DEFAULT_UPDATER_METRICS_ADDRESS = "127.0.0.1:9152"
+"""AGENTMGR_UPDATER_METRICS_ADDRESS: HOST:PORT of the updater's Prometheus endpoint; empty turns it off."""
+
 DEFAULT_UPDATES_UPSTREAM = ""
 """AGENTMGR_UPDATES_UPSTREAM: where the updater fetches releases: an absolute folder path or an
 https:// URL, either holding index.json. Empty means no upstream (publish releases by hand)."""

@@ -64,6 +64,8 @@ class Settings:
     command_expires_seconds: float
     gateway_db_connections: int
     gateway_max_downloads: int
+    gateway_metrics_address: str
+    updater_metrics_address: str
     updates_upstream: str
     """Folder path or https:// URL of the release index; empty when there is none."""
     updates_fetch_interval_seconds: float
@@ -166,6 +168,12 @@ class Settings:
             ),
             gateway_max_downloads=int(
                 env.number("AGENTMGR_GATEWAY_MAX_DOWNLOADS", defaults.DEFAULT_GATEWAY_MAX_DOWNLOADS, minimum=1)
+            ),
+            gateway_metrics_address=env.optional_address(
+                "AGENTMGR_GATEWAY_METRICS_ADDRESS", defaults.DEFAULT_GATEWAY_METRICS_ADDRESS
+            ),
+            updater_metrics_address=env.optional_address(
+                "AGENTMGR_UPDATER_METRICS_ADDRESS", defaults.DEFAULT_UPDATER_METRICS_ADDRESS
             ),
             updates_upstream=env.upstream("AGENTMGR_UPDATES_UPSTREAM"),
             updates_fetch_interval_seconds=env.number(
@@ -339,6 +347,13 @@ class _Reader:
         elif ":" in host:
             raise SettingsError(name, value, expected + " (IPv6 addresses go in brackets)")
         return host, port
+
+    def optional_address(self, name: str, default: str) -> str:
+        """Return HOST:PORT, or "" when the variable is set to an empty value (turned off)."""
+        if name in self.environ and not self.environ[name].strip():
+            return ""
+        host, port = self.address(name, default)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def upstream(self, name: str) -> str:
         value = self.raw(name)

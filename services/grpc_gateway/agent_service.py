@@ -11,6 +11,7 @@ import grpc
 import grpc.aio
 
 from agentmanager.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from services.core import metrics
 from services.core.errors import FailedPrecondition, InvalidArgument, RequestError
 from services.core.fleet import agents, commands, releases, rollouts
 from services.core.logs import bind_context
@@ -46,6 +47,15 @@ CHUNK_OVERHEAD_BYTES = 1024
 """Room left in each message for the chunk's other fields and protobuf framing."""
 DOWNLOAD_SLOT_WAIT_SECONDS = 10.0
 """How long a download waits for a free slot before RESOURCE_EXHAUSTED."""
+
+
+def result_state(result: agent_pb2.CommandResult) -> str:
+    """Return the final command state a stored result leads to, for the metrics label."""
+    if result.timed_out:
+        return "timed_out"
+    if result.HasField("exit_code") and result.exit_code == 0 and not result.error:
+        return "succeeded"
+    return "failed"
 
 
 def parse_uuid(text: str, field: str) -> uuid.UUID:
@@ -247,6 +257,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def handle_message(self, session: AgentSession, message: agent_pb2.AgentMessage, kind: str | None) -> None:
         agent_id = session.agent_id
         if kind == "heartbeat":
+            metrics.HEARTBEATS.inc()
             await self.liveness.record(agent_id)
             await self.router.refresh_session(session)
         elif kind == "command_ack":
@@ -281,6 +292,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 max_output_bytes=self.runtime.settings.command_output_max_bytes,
             )
             if stored:
+                metrics.COMMAND_RESULTS.labels(state=result_state(result)).inc()
                 logger.info("finished: command %s", command_id, extra={"exit_code": result.exit_code, "timed_out": result.timed_out})
                 await self.router.publish_finished(command_id)
             else:
@@ -337,6 +349,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     chunk_bytes = min(ARTIFACT_CHUNK_BYTES, self.runtime.settings.grpc_max_message_bytes - CHUNK_OVERHEAD_BYTES)
                     while chunk := await asyncio.to_thread(artifact.read, chunk_bytes):
                         await context.write(agent_pb2.ArtifactChunk(offset=offset, data=chunk, total_size=release.size_bytes))
+                        metrics.ARTIFACT_BYTES.inc(len(chunk))
                         offset += len(chunk)
         finally:
             self.downloads.release()

@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from services.core import metrics
 from services.core.fleet import commands
 from services.core.settings import Settings
 from services.core.tls import TLSMaterial
@@ -41,6 +42,7 @@ async def run_expiry(runtime: GatewayRuntime) -> None:
 def build_gateway(settings: Settings, tls: TLSMaterial, runtime: GatewayRuntime) -> Gateway:
     """Return a Gateway that serves AgentService and PanelService with ``runtime``."""
     sessions = SessionRegistry()
+    metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions))
     authenticator = Authenticator(runtime)
     waiters = CommandWaiters()
     router = Router(runtime, sessions, authenticator, waiters)
@@ -75,6 +77,7 @@ def build_gateway(settings: Settings, tls: TLSMaterial, runtime: GatewayRuntime)
 async def serve(settings: Settings, tls: TLSMaterial) -> None:
     """Run one gateway process until a stop signal, then release its resources."""
     runtime = GatewayRuntime.create(settings)
+    metrics.serve_metrics(settings.gateway_metrics_address, "AGENTMGR_GATEWAY_METRICS_ADDRESS")
     logger.info("starting: gateway instance %s", runtime.instance_id, extra={"instance_id": runtime.instance_id})
     try:
         await build_gateway(settings, tls, runtime).serve()

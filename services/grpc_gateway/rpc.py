@@ -13,6 +13,7 @@ typed errors into gRPC statuses:
 from __future__ import annotations
 
 import functools
+import time
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +24,7 @@ import redis.exceptions
 
 from services.core.errors import DatabaseError, RedisError, RequestError
 from services.core.fleet.models import ApiRole
+from services.core import metrics
 from services.core.logs import bind_context
 
 logger = logging.getLogger("agentmgr.grpc_gateway.rpc")
@@ -59,6 +61,8 @@ def _wrap(handler: Handler, authenticate: Callable[[Any, grpc.aio.ServicerContex
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
         with bind_context(method=method):
             try:
                 caller = await authenticate(self, context)
@@ -66,12 +70,27 @@ def _wrap(handler: Handler, authenticate: Callable[[Any, grpc.aio.ServicerContex
                 with bind_context(**ids):
                     return await handler(self, request, context, caller)
             except grpc.aio.AbortError:
+                code = _aborted_code(context)
                 raise
             except Exception as error:  # noqa: BLE001 - every error becomes a status here
+                code = status_for(error)[0]
                 await abort_with(context, error, method)
+            finally:
+                metrics.RPCS.labels(method=method, code=code.name).inc()
+                metrics.RPC_SECONDS.labels(method=method).observe(time.monotonic() - started)
+                if code is grpc.StatusCode.UNAUTHENTICATED:
+                    metrics.AUTH_FAILURES.labels(method=method).inc()
 
     wrapper.rpc_wrapped = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Return the status a handler aborted with (UNKNOWN if the context does not say)."""
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN
 
 
 def agent_rpc(handler: Handler) -> Handler:

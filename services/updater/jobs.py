@@ -8,9 +8,11 @@ needs from the settings, because the worker process shares nothing with it.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -18,7 +20,7 @@ from rq import Queue, Retry, get_current_job
 from rq.job import Job
 
 from services.core.database import Database
-from services.core import routing
+from services.core import metrics, routing
 from services.core.fleet import releases, rollouts
 from services.core.logs import bind_context
 from services.core.redis_client import connect_redis
@@ -37,6 +39,23 @@ FETCH_RETRY = Retry(max=3, interval=[10, 60, 300])
 ACTOR = "updater"
 
 
+def counted(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Count the job's outcome in ``agentmgr_jobs_total``; the job's result and errors pass through."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            metrics.JOBS.labels(function=function.__name__, outcome="failed").inc()
+            raise
+        metrics.JOBS.labels(function=function.__name__, outcome="succeeded").inc()
+        return result
+
+    return wrapper
+
+
+@counted
 def fetch_upstream() -> dict[str, Any]:
     """Add every release listed upstream that is not stored yet; return a summary.
 
@@ -149,6 +168,7 @@ def enqueue_fetch_if_due(queue: Queue, settings: Settings) -> Job | None:
     return queue.enqueue(fetch_upstream, retry=FETCH_RETRY, description="scheduled upstream release check")
 
 
+@counted
 def advance_rollout_job(rollout_id: str) -> dict[str, Any]:
     """Run one step of a rollout and notify the agents it picked."""
     settings = Settings.from_env()
