@@ -2,7 +2,8 @@
 
 With no ``AGENTMGR_TLS_*`` files configured, the first gateway to start creates
 an ECDSA P-256 CA and a server certificate signed by it under
-``$AGENTMGR_HOME/tls/``. Agents pin that CA by its SHA-256 fingerprint at
+``$AGENTMGR_HOME/tls/``. When only the server certificate is missing, a new one
+is issued by the existing CA, so agents keep trusting the gateway. Agents pin that CA by its SHA-256 fingerprint at
 install. Creation holds an exclusive file lock, so several gateway processes
 starting together end up with one CA.
 """
@@ -79,7 +80,7 @@ def load_tls_material(settings: Settings) -> TLSMaterial:
         with open(folder / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (folder / SERVER_CERT_FILE).exists():
-                _create_private_ca(folder, settings.tls_server_names)
+                _create_server_certificate(folder, settings.tls_server_names)
     except OSError as error:
         raise TLSError(f"cannot create TLS files in {folder}: {error}") from error
     return TLSMaterial(
@@ -96,10 +97,65 @@ def _read(path: Path, what: str) -> bytes:
         raise TLSError(f"cannot read {what} {path}: {error.strerror}") from error
 
 
-def _create_private_ca(folder: Path, server_names: tuple[str, ...]) -> None:
+def _create_server_certificate(folder: Path, server_names: tuple[str, ...]) -> None:
+    """Issue a server certificate, from the existing CA when its key is there, else from a new CA."""
     now = datetime.datetime.now(datetime.timezone.utc)
     hostname = socket.gethostname()
+    if (folder / CA_KEY_FILE).exists() and (folder / CA_FILE).exists():
+        ca_key = serialization.load_pem_private_key((folder / CA_KEY_FILE).read_bytes(), password=None)
+        ca_certificate = x509.load_pem_x509_certificate((folder / CA_FILE).read_bytes())
+        created_ca = False
+    else:
+        ca_key, ca_certificate = _new_ca(hostname, now)
+        created_ca = True
 
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    alternative_names: list[x509.GeneralName] = []
+    for name in dict.fromkeys((hostname, *server_names)):
+        try:
+            alternative_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alternative_names.append(x509.DNSName(name))
+    server_certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .issuer_name(ca_certificate.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + SERVER_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    # Keys first and the server certificate last: its presence marks a complete set.
+    if created_ca:
+        _write_atomically(folder / CA_KEY_FILE, _private_pem(ca_key), mode=0o600)
+        _write_atomically(folder / CA_FILE, ca_certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    _write_atomically(folder / SERVER_KEY_FILE, _private_pem(server_key), mode=0o600)
+    _write_atomically(
+        folder / SERVER_CERT_FILE,
+        server_certificate.public_bytes(serialization.Encoding.PEM),
+        mode=0o644,
+    )
+    logger.info(
+        "created: %s server certificate in %s",
+        "private CA and" if created_ca else "a new",
+        folder,
+        extra={
+            "ca_fingerprint": certificate_fingerprint(ca_certificate.public_bytes(serialization.Encoding.PEM)),
+            "server_names": [str(name.value) for name in alternative_names],
+            "new_ca": created_ca,
+        },
+    )
+
+
+def _new_ca(hostname: str, now: datetime.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Agent Manager CA ({hostname})")])
     ca_certificate = (
@@ -122,48 +178,7 @@ def _create_private_ca(folder: Path, server_names: tuple[str, ...]) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    alternative_names: list[x509.GeneralName] = []
-    for name in dict.fromkeys((hostname, *server_names)):
-        try:
-            alternative_names.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alternative_names.append(x509.DNSName(name))
-    server_certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + SERVER_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    # Keys first and the server certificate last: its presence marks a complete set.
-    _write_atomically(folder / CA_KEY_FILE, _private_pem(ca_key), mode=0o600)
-    _write_atomically(folder / CA_FILE, ca_certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
-    _write_atomically(folder / SERVER_KEY_FILE, _private_pem(server_key), mode=0o600)
-    _write_atomically(
-        folder / SERVER_CERT_FILE,
-        server_certificate.public_bytes(serialization.Encoding.PEM),
-        mode=0o644,
-    )
-    logger.info(
-        "created: private CA and server certificate in %s",
-        folder,
-        extra={
-            "ca_fingerprint": certificate_fingerprint(ca_certificate.public_bytes(serialization.Encoding.PEM)),
-            "server_names": [str(name.value) for name in alternative_names],
-        },
-    )
+    return ca_key, ca_certificate
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
