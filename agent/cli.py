@@ -24,9 +24,12 @@ from agent.enroll import install, parse_install_request
 from agent.errors import AgentError, ExitCode, LockedError, UsageError
 from agent.files import make_private_folder
 from agent.journal import Journal
+from agent.launcher import Launcher
 from agent.logs import bind_context, configure_logging, flush_logs
 from agent.session import AgentRunner
 from agent.status import StatusFile
+from agent.update import is_launched
+from agent.versions import VersionStore
 
 logger = logging.getLogger("agentmgr.agent")
 
@@ -120,19 +123,30 @@ def run_install(settings: AgentSettings, arguments: argparse.Namespace) -> int:
 
 
 def run_agent(settings: AgentSettings, arguments: argparse.Namespace) -> int:
+    """Run the launcher, or the session loop when this process is the launcher's child."""
     config = load_config(settings.config_dir)
     configure_logging(settings.log_dir, settings.log_level)
     try:
         make_private_folder(settings.state_dir)
     except OSError as error:
         raise UsageError(f"failed to create the state folder {settings.state_dir} ({error}); pass --state-dir or run as root") from error
-    with hold_run_lock(settings.state_dir), bind_context(manager=config.manager):
+    if not is_launched():
+        with hold_run_lock(settings.state_dir):
+            logger.info("starting: launcher of agentmgr-agent %s (state %s)", __version__, settings.state_dir)
+            status = Launcher(settings=settings, store=VersionStore(settings.state_dir)).run()
+            logger.info("stopped: launcher (status %d)", status)
+        return status
+    # The launcher holds the state folder's lock for its child.
+    with bind_context(manager=config.manager):
         logger.info(
             "starting: agentmgr-agent %s (manager %s, config %s, state %s)",
             __version__, config.manager, settings.config_dir, settings.state_dir,
         )
         runner = AgentRunner(settings=settings, config=config, journal=Journal(settings.state_dir), status=StatusFile(settings.state_dir))
         asyncio.run(runner.serve())
+        if runner.restart_requested:
+            logger.info("stopped: agentmgr-agent %s, to restart into the installed update", __version__)
+            return int(ExitCode.UPDATE_INSTALLED)
         logger.info("stopped: agentmgr-agent")
     return int(ExitCode.OK)
 
@@ -140,10 +154,15 @@ def run_agent(settings: AgentSettings, arguments: argparse.Namespace) -> int:
 def show_status(settings: AgentSettings, arguments: argparse.Namespace) -> int:
     config = load_config(settings.config_dir)
     state = StatusFile(settings.state_dir).read() or {}
+    versions = VersionStore(settings.state_dir)
+    pending = versions.read_pending()
     report: dict[str, Any] = {
         "manager": config.manager,
         "agent_id": config.agent_id,
         "version": __version__,
+        "selected_version": versions.current_version() or "installed",
+        "pending_update": None if pending is None else f"{pending.version} (rollout {pending.rollout_id})",
+        "trusted_publisher_keys": len(config.trusted_publisher_keys),
         "ca_fingerprint": config.ca_fingerprint,
         "installed_at": config.installed_at,
         "config_dir": str(settings.config_dir),

@@ -31,6 +31,9 @@ class ExitCode(enum.IntEnum):
     """The manager rejected the agent's credentials: the agent was deleted or replaced."""
     LOCKED = 9
     """Another ``agentmgr-agent run`` already uses the same state folder."""
+    UPDATE_INSTALLED = 10
+    """The agent installed and selected a new version; the launcher starts it on trial. The
+    launcher handles this status itself, so it reaches systemd only from an agent started without it."""
     INTERRUPTED = 130
     """Stopped by SIGINT, as shells report it (128 + 2)."""
 

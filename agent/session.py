@@ -34,6 +34,8 @@ from agent.hostfacts import collect_host_facts
 from agent.journal import Journal
 from agent.logs import bind_context
 from agent.status import ConnectionState, StatusFile
+from agent.update import Updater
+from agent.versions import VersionStore
 
 logger = logging.getLogger("agentmgr.agent.session")
 
@@ -54,6 +56,8 @@ FAILURE_SUMMARY_EVERY = 20
 REINSTALL_WAIT_SECONDS = 5.0
 """Time a revoked agent looks for a newer install in its config folder before it exits."""
 REINSTALL_POLL_SECONDS = 0.2
+DRAIN_TIMEOUT_SECONDS = 2.0
+"""Time the last update reports get to leave the outbox before the agent exits for an update."""
 
 
 def backoff_delay(failures: int, *, base: float, cap: float) -> float:
@@ -91,6 +95,17 @@ class AgentRunner:
         self.session_settings = common_pb2.SessionSettings()
         self.failures = 0
         self.keepalive_seconds = KEEPALIVE_TIME_SECONDS
+        self.updater = Updater(
+            settings=settings,
+            config=lambda: self.config,
+            store=VersionStore(settings.state_dir),
+            send=self.send,
+            channel_options=self.channel_options,
+            request_restart=self.request_restart,
+        )
+        self.restart_requested = False
+        """Set when an update was installed; ``run`` then exits with ``ExitCode.UPDATE_INSTALLED``."""
+        self.restart_task: asyncio.Task[None] | None = None
 
     # Lifecycle.
 
@@ -122,6 +137,9 @@ class AgentRunner:
         pruned = self.journal.prune()
         if pruned:
             logger.info("pruned: %d old journal entries", pruned)
+        pruned = self.updater.store.prune_records()
+        if pruned:
+            logger.info("pruned: %d old rollout records", pruned)
 
     async def main_loop(self) -> None:
         """Open sessions until a stop signal, waiting with backoff after each failure.
@@ -226,6 +244,7 @@ class AgentRunner:
     async def shutdown(self) -> None:
         """Kill running commands (their entries report them as interrupted on the next start); safe to repeat."""
         self.should_exit.set()
+        await self.updater.stop()
         await self.commands.stop()
         if self.status.document.get("state") != ConnectionState.REVOKED.value:
             self.status.update(ConnectionState.STOPPED)
@@ -271,6 +290,7 @@ class AgentRunner:
                 self.apply_settings(first.settings)
                 self.outbox = outbox
                 self.commands.resend_unconfirmed()
+                self.report_updates()
                 heartbeat = asyncio.create_task(self.send_heartbeats(outbox))
                 while (message := await call.read()) is not grpc.aio.EOF:
                     self.handle_server_message(message)
@@ -355,6 +375,30 @@ class AgentRunner:
         self.outbox.put_nowait(message)
         return True
 
+    # Updates.
+
+    def report_updates(self) -> None:
+        """Confirm a version on trial and send update outcomes not yet reported; logs write errors."""
+        try:
+            self.updater.confirm_trial()
+        except OSError as error:
+            logger.error("failed: recording the update state in %s (%s)", self.updater.store.root, error)
+
+    def request_restart(self) -> None:
+        """Exit soon with ``ExitCode.UPDATE_INSTALLED``, after the queued reports left the outbox."""
+        if self.restart_task is None:
+            self.restart_task = asyncio.create_task(self.restart_for_update())
+
+    async def restart_for_update(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_SECONDS
+        while self.outbox is not None and not self.outbox.empty() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        # The stream writes a message shortly after taking it from the outbox.
+        await asyncio.sleep(0.2)
+        self.restart_requested = True
+        self.should_exit.set()
+
     # Messages from the gateway.
 
     def handle_server_message(self, message: agent_pb2.ServerMessage) -> None:
@@ -366,10 +410,10 @@ class AgentRunner:
         elif kind == "settings":
             self.apply_settings(message.settings)
         elif kind == "update_notice":
-            # TODO: install releases (download, verify, switch, roll back) with the update rollout.
-            logger.warning(
-                "skipped: update notice for version %s (this agent version cannot self-update yet)",
-                message.update_notice.version, extra={"rollout_id": message.update_notice.rollout_id},
-            )
+            try:
+                self.updater.handle_notice(message.update_notice)
+            except OSError as error:
+                logger.error("failed: reading the update state in %s (%s)", self.updater.store.root, error,
+                             extra={"rollout_id": message.update_notice.rollout_id})
         else:
             logger.warning("skipped: server message of unknown kind %r (newer gateway?)", kind)

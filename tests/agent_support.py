@@ -167,11 +167,12 @@ class AgentHost:
 
     def wait_connected(self, timeout: float = 30) -> None:
         wait_until(
-            lambda: self._check_alive() and self.connection_state() == "connected",
+            lambda: self.check_alive() and self.connection_state() == "connected",
             timeout=timeout, what=f"the agent in {self.root} to connect",
         )
 
-    def _check_alive(self) -> bool:
+    def check_alive(self) -> bool:
+        """Return True while ``run`` is running; raise with the log's tail once it exited."""
         if self.process is not None and self.process.poll() is not None:
             raise AssertionError(f"the agent exited with {self.process.returncode}: {self.log_text()[-3000:]}")
         return True

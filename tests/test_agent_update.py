@@ -1,0 +1,381 @@
+"""Agent self-update end to end: the real updater worker, gateway and agents as processes.
+
+"v1" is the agent of this checkout (the code ``agentmgr-agent`` was installed
+with); "v2" is a build of the same code with ``__version__`` set to 2.0.0,
+packed, signed and published by each test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.releases import generate_key_pair, load_private_key, manifest_for, parse_public_keys, sign_manifest
+from agent.versions import ArtifactError, VersionStore, extract_artifact
+from services.core.database import Database
+from services.core.fleet import agents, releases, rollouts
+from services.core.fleet.rollouts import AgentUpdateState, RolloutState
+from services.core.settings import Settings
+from tests.agent_support import GATEWAY_SETTINGS, AgentHost, GatewayProcess, create_enrollment_token, start_gateway
+from tests.support import PROJECT_ROOT, VENV_BIN, wait_until
+
+V1 = __import__("agent").__version__
+V2 = "2.0.0"
+HEALTH_TIMEOUT_SECONDS = 15
+"""The agents' trial time for a new version; far below the rollouts' agent timeout."""
+AGENT_TIMEOUT_SECONDS = 120
+ROLLOUT_WAIT_SECONDS = 90
+
+
+# Building and publishing releases.
+
+
+def build_release(folder: Path, version: str, *, broken: bool = False) -> Path:
+    """Pack this checkout's agent as ``version``; ``broken`` makes ``agent/__init__.py`` raise at import."""
+    source = folder / f"src-{version}"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(PROJECT_ROOT / "agent", source / "agent", ignore=ignore)
+    shutil.copytree(PROJECT_ROOT / "agentmanager", source / "agentmanager", ignore=ignore)
+    init = source / "agent" / "__init__.py"
+    text, count = re.subn(r'^__version__ = ".*"$', f'__version__ = "{version}"', init.read_text(), flags=re.MULTILINE)
+    assert count == 1
+    if broken:
+        text += '\nraise RuntimeError("this build cannot start")\n'
+    init.write_text(text)
+    artifact = folder / f"agentmgr-agent-{version}.tar.gz"
+    with tarfile.open(artifact, "w:gz") as archive:
+        archive.add(source / "agent", arcname="agent")
+        archive.add(source / "agentmanager", arcname="agentmanager")
+    return artifact
+
+
+def agentmgr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VENV_BIN / "agentmgr"), "-o", "json", *args],
+        env={**os.environ, **env}, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+
+class UpdateStack:
+    """A publisher key the manager trusts, a gateway, the updater worker, and agents of one group."""
+
+    def __init__(self, service_env: dict[str, str], home: Path, root: Path, database_url: str) -> None:
+        self.root = root
+        self.database_url = database_url
+        self.keys = root / "keys"
+        self.env = {**service_env, **GATEWAY_SETTINGS, "AGENTMGR_UPDATES_TRUSTED_KEYS_FILE": str(root / "trusted.pub")}
+        keygen = agentmgr(self.env, "release", "keygen", "--out", str(self.keys))
+        assert keygen.returncode == 0, keygen.stderr
+        (root / "trusted.pub").write_text((self.keys / "publisher.pub").read_text())
+        self.gateway: GatewayProcess = start_gateway(self.env, home)
+        self.updater_log = root / "updater.log"
+        self.updater = subprocess.Popen(
+            [sys.executable, "-m", "services.updater"], env={**os.environ, **self.env}, cwd=PROJECT_ROOT,
+            stdout=subprocess.DEVNULL, stderr=open(self.updater_log, "wb"),
+        )
+        wait_until(lambda: b"listening: queue updates" in self.updater_log.read_bytes(), timeout=60, what="the updater to listen")
+        self.group = f"g{uuid.uuid4().hex[:8]}"
+        self.token = create_enrollment_token(database_url, group=self.group)
+        self.hosts: list[AgentHost] = []
+        self.database = Database(database_url, max_connections=1, application_name="agentmgr-test")
+
+    def publish(self, artifact: Path, version: str) -> None:
+        """Sign ``artifact`` with the trusted key and publish it, as a release manager would."""
+        signed = agentmgr(self.env, "release", "sign", str(artifact), "--key", str(self.keys / "publisher.key"), "--version", version)
+        assert signed.returncode == 0, signed.stderr
+        published = agentmgr(self.env, "updates", "publish", str(artifact))
+        assert published.returncode == 0, published.stderr
+
+    def add_host(self, *, start: bool = True) -> AgentHost:
+        folder = self.root / f"host{len(self.hosts)}"
+        folder.mkdir()
+        host = AgentHost(folder, machine_id=f"test-{uuid.uuid4().hex}")
+        host.env["AGENTMGR_AGENT_UPDATE_HEALTH_TIMEOUT_SECONDS"] = str(HEALTH_TIMEOUT_SECONDS)
+        self.hosts.append(host)
+        installed = host.install(self.gateway, self.token)
+        assert installed.returncode == 0, installed.stderr
+        if start:
+            host.start()
+            host.wait_connected()
+        return host
+
+    def start_rollout(self, version: str, *, waves: str = "100", failure_threshold: str = "0") -> uuid.UUID:
+        result = agentmgr(
+            self.env, "updates", "rollout", version, "--group", self.group, "--waves", waves, "--max-parallel", "10",
+            "--failure-threshold", failure_threshold, "--agent-timeout", str(AGENT_TIMEOUT_SECONDS),
+        )
+        assert result.returncode == 0, result.stderr
+        return uuid.UUID(json.loads(result.stdout)["rollout_id"])
+
+    def rollout(self, rollout_id: uuid.UUID) -> rollouts.Rollout:
+        with self.database.transaction() as conn:
+            return rollouts.get_rollout(conn, rollout_id)
+
+    def members(self, rollout_id: uuid.UUID) -> dict[str, rollouts.RolloutAgent]:
+        with self.database.transaction() as conn:
+            return {str(member.agent_id): member for member in rollouts.list_rollout_agents(conn, rollout_id)}
+
+    def wait_rollout(self, rollout_id: uuid.UUID, state: RolloutState) -> rollouts.Rollout:
+        def reached() -> rollouts.Rollout | None:
+            for host in self.hosts:
+                host.check_alive()
+            rollout = self.rollout(rollout_id)
+            return rollout if rollout.state == state else None
+
+        return wait_until(reached, timeout=ROLLOUT_WAIT_SECONDS, interval=0.5, what=f"rollout {rollout_id} to be {state.value}")
+
+    def wait_member(self, rollout_id: uuid.UUID, host: AgentHost, state: AgentUpdateState) -> rollouts.RolloutAgent:
+        def reached() -> rollouts.RolloutAgent | None:
+            host.check_alive()
+            member = self.members(rollout_id)[host.agent_id]
+            return member if member.state == state else None
+
+        return wait_until(reached, timeout=ROLLOUT_WAIT_SECONDS, interval=0.5, what=f"agent {host.agent_id} to be {state.value}")
+
+    def recorded_version(self, host: AgentHost) -> str:
+        with self.database.transaction() as conn:
+            return agents.get_agent(conn, uuid.UUID(host.agent_id)).agent_version
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.stop()
+        self.updater.send_signal(signal.SIGTERM)
+        self.updater.wait(timeout=60)
+        self.gateway.stop()
+        self.database.close()
+
+
+def log_messages(host: AgentHost, prefix: str) -> list[str]:
+    return [record["message"] for record in host.log_records() if record.get("message", "").startswith(prefix)]
+
+
+def installed_versions(host: AgentHost) -> list[str]:
+    folder = VersionStore(host.state_dir).versions
+    return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture
+def stack(service_env, home, tmp_path, database_url) -> Iterator[UpdateStack]:
+    update_stack = UpdateStack(service_env, home, tmp_path, database_url)
+    yield update_stack
+    update_stack.close()
+
+
+# End to end.
+
+
+def test_rollout_updates_agents_in_two_waves(stack) -> None:
+    stack.publish(build_release(stack.root / "build", V2), V2)
+    hosts = [stack.add_host() for _ in range(4)]
+
+    rollout_id = stack.start_rollout(V2, waves="50,100")
+    rollout = stack.wait_rollout(rollout_id, RolloutState.COMPLETED)
+    for host in hosts:
+        wait_until(lambda: host.status()["running_version"] == V2 and host.connection_state() == "connected",
+                   timeout=30, what=f"the agent in {host.root} to run {V2}")
+
+    members = stack.members(rollout_id)
+    assert rollout.state_reason == "4 of 4 agents updated"
+    assert sorted(member.wave for member in members.values()) == [0, 0, 1, 1]
+    assert {member.state for member in members.values()} == {AgentUpdateState.SUCCEEDED}
+    for host in hosts:
+        status = host.status()
+        assert stack.recorded_version(host) == V2
+        assert status["running_version"] == V2
+        assert status["selected_version"] == V2
+        assert status["pending_update"] is None
+        assert status["trusted_publisher_keys"] == 1
+        assert installed_versions(host) == [V2]
+        # One install per agent, although the gateway repeats the notice when v2 reconnects.
+        assert len(log_messages(host, "updating:")) == 1
+        assert len(log_messages(host, "healthy:")) == 1
+
+
+def test_offline_agent_updated_on_reconnect(stack) -> None:
+    stack.publish(build_release(stack.root / "build", V2), V2)
+    online = stack.add_host()
+    offline = stack.add_host(start=False)
+
+    rollout_id = stack.start_rollout(V2)
+    stack.wait_member(rollout_id, online, AgentUpdateState.SUCCEEDED)
+    waiting = stack.members(rollout_id)[offline.agent_id]
+    still_running = stack.rollout(rollout_id)
+    offline.start()
+    rollout = stack.wait_rollout(rollout_id, RolloutState.COMPLETED)
+
+    assert waiting.state == AgentUpdateState.PENDING
+    assert still_running.state == RolloutState.RUNNING
+    assert rollout.state_reason == "2 of 2 agents updated"
+    assert stack.recorded_version(offline) == V2
+    wait_until(lambda: offline.status()["running_version"] == V2, timeout=30, what="the reconnected agent to run v2")
+
+
+def test_version_that_cannot_start_rolls_back(stack) -> None:
+    stack.publish(build_release(stack.root / "build", V2, broken=True), V2)
+    hosts = [stack.add_host() for _ in range(2)]
+
+    rollout_id = stack.start_rollout(V2, waves="50,100", failure_threshold="0")
+    rollout = stack.wait_rollout(rollout_id, RolloutState.PAUSED)
+    members = stack.members(rollout_id)
+    rolled_back = [host for host in hosts if members[host.agent_id].state == AgentUpdateState.ROLLED_BACK]
+    untouched = [host for host in hosts if members[host.agent_id].state == AgentUpdateState.PENDING]
+
+    assert "failure threshold reached" in rollout.state_reason
+    assert len(rolled_back) == 1
+    assert len(untouched) == 1
+    host = rolled_back[0]
+    assert "exited with status 1 before it opened a session" in members[host.agent_id].error
+    host.wait_connected()
+    status = host.status()
+    assert status["running_version"] == V1
+    assert status["selected_version"] == "installed"
+    assert status["pending_update"] is None
+    assert stack.recorded_version(host) == V1
+    assert any("rolled back:" in message for message in log_messages(host, "rolled back:"))
+    assert installed_versions(untouched[0]) == []
+
+
+def test_agent_rejects_tampered_and_untrusted_releases(stack) -> None:
+    artifact = build_release(stack.root / "build", V2)
+    stack.publish(artifact, V2)
+    store = releases.store_from_settings(Settings.from_env(stack.env))
+    with stack.database.transaction() as conn:
+        published = releases.find_release(conn, V2, "linux", "any")
+    # The same size with other bytes: only the SHA-256 check can catch it.
+    stored = store.path_for(published.sha256)
+    tampered = bytearray(stored.read_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF
+    stored.chmod(0o644)
+    stored.write_bytes(bytes(tampered))
+
+    # A release the manager stores although no key pinned by the agents signed it.
+    untrusted_version = "2.0.1"
+    untrusted_pem, untrusted_line = generate_key_pair()
+    untrusted_artifact = build_release(stack.root / "untrusted", untrusted_version)
+    manifest_bytes, signature = sign_manifest(
+        load_private_key(untrusted_pem),
+        manifest_for(untrusted_artifact, version=untrusted_version, os_name="linux", architecture="any"),
+    )
+    with stack.database.transaction() as conn:
+        releases.add_release(
+            conn, store, manifest_bytes=manifest_bytes, signature=signature, trusted_keys=parse_public_keys(untrusted_line),
+            open_artifact=lambda: io.BytesIO(untrusted_artifact.read_bytes()), source="test", actor="test",
+        )
+
+    host = stack.add_host()
+    tampered_rollout = stack.start_rollout(V2)
+    tampered_member = stack.wait_member(tampered_rollout, host, AgentUpdateState.FAILED)
+    untrusted_rollout = stack.start_rollout(untrusted_version)
+    untrusted_member = stack.wait_member(untrusted_rollout, host, AgentUpdateState.FAILED)
+
+    assert "has SHA-256" in tampered_member.error
+    assert "does not match any trusted publisher key" in untrusted_member.error
+    assert installed_versions(host) == []
+    assert list(VersionStore(host.state_dir).downloads.iterdir()) == []
+    assert host.status()["selected_version"] == "installed"
+    assert host.status()["running_version"] == V1
+    assert stack.recorded_version(host) == V1
+    assert host.check_alive()
+
+
+def test_agent_without_pinned_keys_rejects_updates(stack) -> None:
+    stack.publish(build_release(stack.root / "build", V2), V2)
+    host = stack.add_host(start=False)
+    (host.config_dir / "trusted_publishers.pub").write_text("")
+    host.start()
+    host.wait_connected()
+
+    rollout_id = stack.start_rollout(V2)
+    member = stack.wait_member(rollout_id, host, AgentUpdateState.FAILED)
+
+    assert "no publisher key is pinned" in member.error
+    assert installed_versions(host) == []
+
+
+# The version store alone.
+
+
+def make_archive(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for info, data in members:
+            info.size = len(data) if info.isfile() else 0
+            archive.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return path
+
+
+def file_member(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), b"x = 1\n"
+
+
+def link_member(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info, b""
+
+
+REQUIRED = [file_member("agent/__init__.py"), file_member("agent/__main__.py"), file_member("agentmanager/__init__.py")]
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        (file_member("/etc/agent.py"), "absolute path"),
+        (file_member("agent/../../escape.py"), "'..' part"),
+        (file_member("other/module.py"), "outside the folders"),
+        (link_member("agent/link.py", "/etc/passwd"), "link or a special file"),
+        (link_member("agent/hard.py", "agent/__init__.py", tarfile.LNKTYPE), "link or a special file"),
+    ],
+    ids=["absolute", "dotdot", "outside", "symlink", "hardlink"],
+)
+def test_extract_rejects_unsafe_member(tmp_path, member, message) -> None:
+    archive = make_archive(tmp_path / "bad.tar.gz", [*REQUIRED, member])
+    destination = tmp_path / "out"
+    destination.mkdir()
+
+    with pytest.raises(ArtifactError) as error:
+        extract_artifact(archive, destination)
+
+    assert message in str(error.value)
+    assert list(destination.iterdir()) == []
+    assert not (tmp_path / "escape.py").exists()
+
+
+def test_extract_requires_agent_entry_point(tmp_path) -> None:
+    archive = make_archive(tmp_path / "partial.tar.gz", [file_member("agent/__init__.py")])
+
+    with pytest.raises(ArtifactError) as error:
+        extract_artifact(archive, tmp_path)
+
+    assert "agent/__main__.py" in str(error.value)
+
+
+def test_select_switches_and_restores(tmp_path) -> None:
+    store = VersionStore(tmp_path)
+    store.prepare()
+    for version in ("1.0.0", "2.0.0"):
+        store.install(make_archive(tmp_path / f"{version}.tar.gz", REQUIRED), version)
+
+    store.select("1.0.0")
+    first = store.current_version()
+    store.select("2.0.0")
+    second = store.current_version()
+    store.select(None)
+
+    assert first == "1.0.0"
+    assert second == "2.0.0"
+    assert store.current_version() is None
+    with pytest.raises(FileNotFoundError):
+        store.select("3.0.0")
