@@ -37,10 +37,12 @@ _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 class Context:
     """What a subcommand needs: settings, output format, the caller's name, the database."""
 
-    def __init__(self, settings: Settings, output: str) -> None:
+    def __init__(self, settings: Settings, output: str, panel: Any = None) -> None:
         self.settings = settings
         self.output = output
         self.actor = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+        self.panel = panel
+        """A ``remote.PanelClient`` with ``--server``; then subcommands go through the panel API."""
         self._database: Database | None = None
 
     @contextlib.contextmanager
@@ -53,6 +55,8 @@ class Context:
     def close(self) -> None:
         if self._database is not None:
             self._database.close()
+        if self.panel is not None:
+            self.panel.close()
 
 
 # Argument types.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from agentmanager.v1 import common_pb2, panel_pb2
+from services.cli import remote
 from services.cli.common import Context, add_listing_options, duration_seconds, identifier, label, page_request, vars_of
 from services.cli.output import print_record, print_records
 from services.core import routing
@@ -29,6 +31,7 @@ def agent_records(context: Context, items: list) -> list[dict]:
     records = []
     for agent in items:
         record = vars_of(agent)
+        record.pop("replaced_by")
         record["status"] = agents.derive_status(agent, now=now, thresholds=thresholds, live_seen_at=live.get(agent.id))
         if live.get(agent.id) and (agent.last_seen_at is None or live[agent.id] > agent.last_seen_at):
             record["last_seen_at"] = live[agent.id]
@@ -37,6 +40,14 @@ def agent_records(context: Context, items: list) -> list[dict]:
 
 
 def agents_list(context: Context, arguments: argparse.Namespace) -> int:
+    if context.panel:
+        reply = context.panel.call("ListAgents", panel_pb2.ListAgentsRequest(
+            status=common_pb2.AgentStatus.Value(f"AGENT_STATUS_{arguments.status.upper()}") if arguments.status else 0,
+            group=arguments.group or "", labels=dict(arguments.label), hostname_contains=arguments.hostname or "",
+            include_revoked=arguments.all, page=remote.page(arguments)))
+        print_records([remote.agent_record(agent) for agent in reply.agents], AGENT_COLUMNS, context.output,
+                      extra={"next_page_token": reply.next_page_token, "total": reply.total if reply.HasField("total") else None})
+        return 0
     filters = AgentFilters(
         status=AgentStatus(arguments.status) if arguments.status else None,
         group=arguments.group,
@@ -55,6 +66,10 @@ def agents_list(context: Context, arguments: argparse.Namespace) -> int:
 
 
 def agents_show(context: Context, arguments: argparse.Namespace) -> int:
+    if context.panel:
+        reply = context.panel.call("GetAgent", panel_pb2.GetAgentRequest(agent_id=str(arguments.agent_id)))
+        print_record(remote.agent_record(reply), context.output)
+        return 0
     with context.transaction() as connection:
         agent = agents.get_agent(connection, arguments.agent_id)
     print_record(agent_records(context, [agent])[0], context.output)
@@ -62,11 +77,18 @@ def agents_show(context: Context, arguments: argparse.Namespace) -> int:
 
 
 def agents_delete(context: Context, arguments: argparse.Namespace) -> int:
+    if context.panel:
+        reply = context.panel.call("DeleteAgent", panel_pb2.DeleteAgentRequest(
+            agent_id=str(arguments.agent_id), reason=arguments.reason))
+        record = {**remote.agent_record(reply.agent), "cancelled_command_ids": list(reply.cancelled_command_ids)}
+        print_record(record, context.output)
+        return 0
     with context.transaction() as connection:
         agent, cancelled = agents.revoke_agent(connection, arguments.agent_id, actor=context.actor, reason=arguments.reason)
     client = connect_redis(context.settings.redis_url)
     routing.publish_revocation(client, agent.id)
-    print_record({**vars_of(agent), "status": AgentStatus.REVOKED, "cancelled_command_ids": cancelled}, context.output)
+    record = {key: value for key, value in vars_of(agent).items() if key != "replaced_by"}
+    print_record({**record, "status": AgentStatus.REVOKED, "cancelled_command_ids": cancelled}, context.output)
     return 0
 
 
@@ -77,7 +99,22 @@ def command_record(command: commands.Command) -> dict:
     return record
 
 
+def exit_status(state: str) -> int:
+    """Return 0 unless the command ended without success (exit status 1)."""
+    return 1 if state in FINAL_STATES and state != CommandState.SUCCEEDED else 0
+
+
 def command_run(context: Context, arguments: argparse.Namespace) -> int:
+    if context.panel:
+        request = panel_pb2.RunCommandRequest(
+            agent_id=str(arguments.agent_id), command_line=arguments.command_line,
+            timeout=remote.duration(arguments.timeout), reason=arguments.reason,
+            expires_in=remote.duration(arguments.expires_in) if arguments.expires_in else None,
+            wait=remote.duration(arguments.wait) if arguments.wait else None,
+        )
+        record = remote.command_record(context.panel.call("RunCommand", request, timeout=arguments.wait + 30))
+        print_record(record, context.output)
+        return exit_status(CommandState(record["state"]))
     with context.transaction() as connection:
         command = commands.create_command(
             connection,
@@ -96,12 +133,14 @@ def command_run(context: Context, arguments: argparse.Namespace) -> int:
         with context.transaction() as connection:
             command = commands.get_command(connection, command.id)
     print_record(command_record(command), context.output)
-    if command.state not in FINAL_STATES:
-        return 0
-    return 0 if command.state == CommandState.SUCCEEDED else 1
+    return exit_status(command.state)
 
 
 def command_show(context: Context, arguments: argparse.Namespace) -> int:
+    if context.panel:
+        reply = context.panel.call("GetCommand", panel_pb2.GetCommandRequest(command_id=str(arguments.command_id)))
+        print_record(remote.command_record(reply), context.output)
+        return 0
     with context.transaction() as connection:
         command = commands.get_command(connection, arguments.command_id)
     print_record(command_record(command), context.output)
@@ -109,6 +148,14 @@ def command_show(context: Context, arguments: argparse.Namespace) -> int:
 
 
 def command_list(context: Context, arguments: argparse.Namespace) -> int:
+    if context.panel:
+        reply = context.panel.call("ListCommands", panel_pb2.ListCommandsRequest(
+            agent_id=str(arguments.agent) if arguments.agent else "",
+            state=common_pb2.CommandState.Value(f"COMMAND_STATE_{arguments.state.upper()}") if arguments.state else 0,
+            requested_by=arguments.requested_by or "", page=remote.page(arguments)))
+        print_records([remote.command_record(item) for item in reply.commands], COMMAND_COLUMNS, context.output,
+                      extra={"next_page_token": reply.next_page_token})
+        return 0
     filters = CommandFilters(
         agent_id=arguments.agent,
         state=CommandState(arguments.state) if arguments.state else None,
@@ -122,6 +169,10 @@ def command_list(context: Context, arguments: argparse.Namespace) -> int:
 
 
 def command_cancel(context: Context, arguments: argparse.Namespace) -> int:
+    if context.panel:
+        reply = context.panel.call("CancelCommand", panel_pb2.CancelCommandRequest(command_id=str(arguments.command_id)))
+        print_record(remote.command_record(reply), context.output)
+        return 0
     with context.transaction() as connection:
         command = commands.cancel_command(connection, arguments.command_id, actor=context.actor)
     print_record(command_record(command), context.output)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import socket
 import sys
 
@@ -27,7 +28,8 @@ from services.cli.common import (
     page_request,
     vars_of,
 )
-from services.cli import fleet, status, updates
+from agentmanager.v1 import panel_pb2
+from services.cli import fleet, remote, status, updates
 from services.cli.output import FORMATS, TABLE, print_record, print_records
 from services.core.errors import AgentManagerError, ExitCode, RequestError, SettingsError, exit_code_for
 from services.core.fleet import apitokens, enrollment
@@ -37,6 +39,9 @@ from services.core.settings import Settings
 from services.core.tls import load_tls_material
 
 logger = logging.getLogger("agentmgr.cli")
+
+REMOTE_GROUPS = ("token", "agents", "command")
+"""Command groups that the panel API serves, so they work with --server."""
 
 # Enrollment tokens.
 
@@ -52,6 +57,8 @@ def manager_address(settings: Settings, override: str | None) -> str:
 
 
 def token_create(context: Context, arguments: argparse.Namespace) -> int:
+    if context.panel:
+        return remote_token_create(context, arguments)
     expires_at = utc_now() + datetime.timedelta(seconds=arguments.expires_in) if arguments.expires_in else None
     with context.transaction() as connection:
         token, secret = enrollment.create_token(
@@ -63,13 +70,29 @@ def token_create(context: Context, arguments: argparse.Namespace) -> int:
             max_uses=arguments.max_uses,
             expires_at=expires_at,
         )
-    fingerprint = load_tls_material(context.settings).ca_fingerprint
+    manager = manager_address(context.settings, arguments.manager)
+    print_new_token(context, manager, vars_of(token), secret, load_tls_material(context.settings).ca_fingerprint)
+    return 0
+
+
+def remote_token_create(context: Context, arguments: argparse.Namespace) -> int:
+    request = panel_pb2.CreateEnrollmentTokenRequest(
+        description=arguments.description, group=arguments.group, labels=dict(arguments.label),
+        max_uses=arguments.max_uses, expires_in=remote.duration(arguments.expires_in) if arguments.expires_in else None,
+    )
+    reply = context.panel.call("CreateEnrollmentToken", request)
+    manager = arguments.manager or context.panel.server
+    print_new_token(context, manager, remote.token_record(reply.token), reply.secret, reply.ca_fingerprint)
+    return 0
+
+
+def print_new_token(context: Context, manager: str, token: dict, secret: str, fingerprint: str) -> None:
     install = (
-        f"agentmgr-agent install --manager {manager_address(context.settings, arguments.manager)} "
+        f"agentmgr-agent install --manager {manager} "
         f"--token {secret} --ca-fingerprint {fingerprint}"
     )
     record = {
-        **vars_of(token),
+        **token,
         "secret": secret,
         "ca_fingerprint": fingerprint,
         "install_command": install,
@@ -78,21 +101,29 @@ def token_create(context: Context, arguments: argparse.Namespace) -> int:
     if context.output == TABLE:
         print("\nThe token is shown only this once. On the host to enroll, run:\n")
         print(f"  {install}")
-    return 0
 
 
 TOKEN_COLUMNS = ("id", "prefix", "state", "group", "use_count", "max_uses", "expires_at", "last_used_at", "description")
 
 
 def token_list(context: Context, arguments: argparse.Namespace) -> int:
-    with context.transaction() as connection:
-        page = enrollment.list_tokens(connection, include_revoked=arguments.all, page=page_request(arguments))
-    print_records([vars_of(token) for token in page.items], TOKEN_COLUMNS, context.output,
-                  extra={"next_page_token": page.next_page_token})
+    if context.panel:
+        reply = context.panel.call("ListEnrollmentTokens", panel_pb2.ListEnrollmentTokensRequest(
+            include_revoked=arguments.all, page=remote.page(arguments)))
+        records, next_token = [remote.token_record(token) for token in reply.tokens], reply.next_page_token
+    else:
+        with context.transaction() as connection:
+            page = enrollment.list_tokens(connection, include_revoked=arguments.all, page=page_request(arguments))
+        records, next_token = [vars_of(token) for token in page.items], page.next_page_token
+    print_records(records, TOKEN_COLUMNS, context.output, extra={"next_page_token": next_token})
     return 0
 
 
 def token_revoke(context: Context, arguments: argparse.Namespace) -> int:
+    if context.panel:
+        reply = context.panel.call("RevokeEnrollmentToken", panel_pb2.RevokeEnrollmentTokenRequest(token_id=str(arguments.token_id)))
+        print_record(remote.token_record(reply), context.output)
+        return 0
     with context.transaction() as connection:
         token = enrollment.revoke_token(connection, arguments.token_id, actor=context.actor)
     print_record(vars_of(token), context.output)
@@ -142,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", "-o", choices=FORMATS, default=TABLE, help="table for people (default) or json for scripts")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    parser.add_argument("--server", default=os.environ.get("AGENTMGR_SERVER", ""),
+                        help="HOST:PORT of a gateway: use its panel API instead of this VM's database "
+                             "(token, agents and command only; default AGENTMGR_SERVER)")
+    parser.add_argument("--api-token", default="", help="API token for --server (default AGENTMGR_API_TOKEN)")
+    parser.add_argument("--ca-file", default="", help="gateway CA for --server (default AGENTMGR_CA_FILE, else this VM's tls/ca.pem)")
+    groups = parser.add_subparsers(dest="command_group", required=True, metavar="COMMAND")
 
     token = groups.add_parser("token", help="enrollment tokens that admit new agents").add_subparsers(dest="action", required=True)
     create = token.add_parser("create", help="create a token and print the agent install command")
@@ -191,7 +227,17 @@ def run(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"agentmgr: {error}", file=sys.stderr)
         return int(ExitCode.CONFIG)
-    context = Context(settings, arguments.output)
+    try:
+        panel = None
+        if arguments.server:
+            if arguments.command_group not in REMOTE_GROUPS:
+                print(f"agentmgr: {arguments.command_group} works only on the manager's VM, without --server", file=sys.stderr)
+                return int(ExitCode.CONFIG)
+            panel = remote.client_from(arguments, settings)
+        context = Context(settings, arguments.output, panel)
+    except RequestError as error:
+        print(f"agentmgr: {error}", file=sys.stderr)
+        return EXIT_CODES_BY_GRPC_CODE.get(error.grpc_code_name, int(ExitCode.FAILURE))
     try:
         return arguments.handler(context, arguments)
     except RequestError as error:
