@@ -21,3 +21,13 @@ test: $(STAMP)
 ## install: install under PREFIX (default /opt/agent-manager) with a systemd unit; as root, or with DESTDIR
 install:
 	scripts/install
+
+.PHONY: bench bench-quick
+
+## bench: run every benchmark (up to 10,000 simulated agents, about 15 minutes) and update docs/benchmarks.md
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench.run --set standard --write docs/benchmarks.md
+
+## bench-quick: run a smaller benchmark set (500 agents, under 2 minutes) and print the results
+bench-quick: $(STAMP)
+	$(VENV)/bin/python -m bench.run --set quick

@@ -43,6 +43,8 @@ RECONNECT_DELAY_MIN_SECONDS = 0.5
 RECONNECT_DELAY_MAX_SECONDS = 5.0
 REGISTER_TIMEOUT_SECONDS = 30.0
 DOWNLOAD_TIMEOUT_SECONDS = 300.0
+DOWNLOAD_ATTEMPTS = 20
+RETRIED_DOWNLOAD_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 WORKER_REPLY_TIMEOUT_SECONDS = 120.0
 
 
@@ -233,14 +235,19 @@ class SimulatedAgent:
         """Download the artifact, check its SHA-256, then end the session to come back as the new version."""
         digest = hashlib.sha256()
         received = 0
-        request = agent_pb2.DownloadArtifactRequest(release_id=notice.release_id, offset=0)
-        try:
-            async for chunk in self.stub.DownloadArtifact(request, metadata=self.metadata, timeout=DOWNLOAD_TIMEOUT_SECONDS):
-                digest.update(chunk.data)
-                received += len(chunk.data)
-        except grpc.aio.AioRpcError as error:
-            self.counters.errors[f"download {error.code().name}"] += 1
-            return
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            request = agent_pb2.DownloadArtifactRequest(release_id=notice.release_id, offset=received)
+            try:
+                async for chunk in self.stub.DownloadArtifact(request, metadata=self.metadata, timeout=DOWNLOAD_TIMEOUT_SECONDS):
+                    digest.update(chunk.data)
+                    received += len(chunk.data)
+                break
+            except grpc.aio.AioRpcError as error:
+                # RESOURCE_EXHAUSTED means every download slot was busy: retry, resuming at the offset reached.
+                self.counters.errors[f"download {error.code().name}"] += 1
+                if error.code() not in RETRIED_DOWNLOAD_CODES or attempt + 1 == DOWNLOAD_ATTEMPTS:
+                    return
+                await asyncio.sleep(random.uniform(RECONNECT_DELAY_MIN_SECONDS, RECONNECT_DELAY_MAX_SECONDS))
         if received != notice.size_bytes or digest.hexdigest() != notice.sha256:
             self.counters.errors["download checksum mismatch"] += 1
             outbox.put_nowait(agent_pb2.AgentMessage(update_status=agent_pb2.UpdateStatus(

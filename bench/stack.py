@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,7 +86,10 @@ def cpu_percent(before: ProcessSample, after: ProcessSample) -> float:
 
 
 class BenchStack:
-    """Private PostgreSQL and Redis, a migrated database and ``gateway_count`` gateways on one port."""
+    """Private PostgreSQL and Redis, a migrated database and ``gateway_count`` gateways on one port.
+
+    ``close`` removes the temporary folder, logs included, unless KEEP_BENCH_FILES is set.
+    """
 
     def __init__(self, *, gateway_count: int = 1, settings: dict[str, str] | None = None) -> None:
         self.root = make_shared_dir("agentmgr-bench-")
@@ -181,3 +185,7 @@ class BenchStack:
             self.redis.close()
         self.redis_server.stop()
         self.postgres.stop()
+        if os.environ.get("KEEP_BENCH_FILES"):
+            print(f"kept: benchmark files in {self.root}")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
