@@ -309,3 +309,23 @@ def run_program(module: str, env: dict[str, str], *args: str, timeout: float = 1
 def json_lines(text: str) -> list[dict[str, Any]]:
     """Parse every line of ``text`` as JSON; fails on the first line that is not."""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def start_updater(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start ``python -m services.updater`` with ``env`` and wait until it works its queue."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.updater"], env={**os.environ, **env}, cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"),
+    )
+    wait_until(
+        lambda: process.poll() is None and b"listening: queue updates" in log_path.read_bytes(),
+        timeout=60, what=f"the updater to listen (log: {log_path})",
+    )
+    return process
+
+
+def stop_process(process: subprocess.Popen, *, timeout: float = 60) -> int:
+    """Send SIGTERM and wait for the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=timeout)

@@ -20,9 +20,14 @@ OUR_PROGRAMS = ("migrate", "start_gate", "updater", "grpc_gateway")
 
 
 def clean_env(**settings: str) -> dict[str, str]:
-    """Return ``settings`` plus empty values for every other AGENTMGR_ variable of ours."""
+    """Return ``settings`` plus empty values for every other AGENTMGR_ variable of ours.
+
+    The metrics endpoints are off, so that stacks started by other tests or
+    other programs on this machine cannot collide with them on a port.
+    """
     blank = {name: "" for name in os.environ if name.startswith("AGENTMGR_")}
-    return {**blank, **settings}
+    off = {"AGENTMGR_GATEWAY_METRICS_ADDRESS": "", "AGENTMGR_UPDATER_METRICS_ADDRESS": ""}
+    return {**blank, **off, **settings}
 
 
 def health_status(home: Path, address: str) -> int:

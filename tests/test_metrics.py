@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import urllib.request
 import uuid
 
@@ -20,7 +18,7 @@ from services.core.database import Database
 from services.core.fleet import commands, rollouts
 from tests.gateway_client import Agent, GatewayStack
 from tests.test_rollouts import add_release, enroll
-from tests.support import PROJECT_ROOT, VENV_BIN, free_port, run_program, wait_until
+from tests.support import VENV_BIN, free_port, run_program, start_updater, stop_process, wait_until
 
 
 def scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -81,13 +79,8 @@ def test_updater_metrics_count_jobs_in_work_horses(service_env, tmp_path):
     address = f"127.0.0.1:{free_port()}"
     env = {**service_env, "AGENTMGR_UPDATER_METRICS_ADDRESS": address}
     assert run_program("services.migrate", env).returncode == 0
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "services.updater"], env={**os.environ, **env}, cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "updater.log", "wb"),
-    )
+    worker = start_updater(env, tmp_path / "updater.log")
     try:
-        wait_until(lambda: b"listening: queue updates" in (tmp_path / "updater.log").read_bytes(),
-                   timeout=60, what="the updater to listen")
         fetched = subprocess.run(
             [str(VENV_BIN / "agentmgr"), "-o", "json", "updates", "fetch", "--wait", "30"],
             env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
@@ -106,8 +99,7 @@ def test_updater_metrics_count_jobs_in_work_horses(service_env, tmp_path):
 
         samples = scrape(address)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=60)
+        stop_process(worker)
 
     assert value(samples, "agentmgr_jobs_total", function="fetch_upstream", outcome="succeeded") == 1
     assert value(samples, "agentmgr_rollout_agents", rollout_id=str(rollout.id), state="pending") == 3

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import psycopg2
 import pytest
 
 from agent.releases import ReleaseError, parse_public_keys, verify_manifest
-from tests.support import PROJECT_ROOT, VENV_BIN, run_program, wait_until
+from tests.support import PROJECT_ROOT, VENV_BIN, run_program, start_updater, stop_process, wait_until
 
 
 def agentmgr(env, *args: str) -> subprocess.CompletedProcess:
@@ -180,14 +178,8 @@ def test_updater_fetches_upstream_and_survives_errors(publisher, tmp_path):
     artifact = build_agent_artifact(upstream, "2.1.0")
     assert sign(env, keys, artifact, "2.1.0").returncode == 0
     env = {**env, "AGENTMGR_UPDATES_UPSTREAM": str(upstream)}
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "services.updater"], env={**os.environ, **env}, cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "updater.log", "wb"),
-    )
+    worker = start_updater(env, tmp_path / "updater.log")
     try:
-        wait_until(lambda: b"listening: queue updates" in (tmp_path / "updater.log").read_bytes(),
-                   timeout=60, what="the updater to listen")
-
         # The scheduled check runs when the worker starts.
         wait_until(lambda: release_rows(env), timeout=60, what="the scheduled check to add the release")
         fetched = agentmgr(env, "-o", "json", "updates", "fetch", "--wait", "60")
@@ -210,5 +202,4 @@ def test_updater_fetches_upstream_and_survives_errors(publisher, tmp_path):
         assert "not valid JSON" in status["items"][0]["error"]
         assert [item["outcome"] for item in status["items"][1:3]] == ["succeeded", "succeeded"]
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=60)
+        stop_process(worker)

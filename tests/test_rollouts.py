@@ -274,17 +274,13 @@ def test_worker_killed_mid_rollout_resumes(service_env, tmp_path):
     connected, listens on its own gateway channel and reports their progress.
     """
     import json
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     import redis as redis_module
 
     from services.core.database import Database
     from services.grpc_gateway.keys import gateway_channel, session_key
-    from tests.support import PROJECT_ROOT, run_program, wait_until
+    from tests.support import run_program, start_updater, stop_process, wait_until
 
     assert run_program("services.migrate", service_env).returncode == 0
     database = Database(service_env["AGENTMGR_DATABASE_URL"], max_connections=2)
@@ -298,13 +294,7 @@ def test_worker_killed_mid_rollout_resumes(service_env, tmp_path):
         listener.subscribe(gateway_channel("test-gateway"))
         rollout, _ = create(database, waves=[50, 100], max_parallel=2, failure_threshold_percent=50)
 
-        def start_worker(name: str) -> subprocess.Popen:
-            return subprocess.Popen(
-                [sys.executable, "-m", "services.updater"], env={**os.environ, **service_env}, cwd=PROJECT_ROOT,
-                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.log", "wb"),
-            )
-
-        worker = start_worker("first")
+        worker = start_updater(service_env, tmp_path / "first.log")
         notices: list[str] = []
 
         def collect() -> None:
@@ -323,7 +313,7 @@ def test_worker_killed_mid_rollout_resumes(service_env, tmp_path):
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
         finish_notified()
-        worker = start_worker("second")
+        worker = start_updater(service_env, tmp_path / "second.log")
         try:
             def completed() -> bool:
                 finish_notified()
@@ -332,8 +322,7 @@ def test_worker_killed_mid_rollout_resumes(service_env, tmp_path):
 
             wait_until(completed, timeout=120, interval=0.5, what="the rollout to complete")
         finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=60)
+            stop_process(worker)
 
         assert sorted(notices) == sorted(str(agent_id) for agent_id in ids)
         assert set(states(database, rollout.id).values()) == {AgentUpdateState.SUCCEEDED}

@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import ipaddress
 import logging
-import os
 import socket
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.files import write_atomically
 from services.core.errors import TLSError
 from services.core.settings import Settings
 
@@ -135,10 +135,10 @@ def _create_server_certificate(folder: Path, server_names: tuple[str, ...]) -> N
 
     # Keys first and the server certificate last: its presence marks a complete set.
     if created_ca:
-        _write_atomically(folder / CA_KEY_FILE, _private_pem(ca_key), mode=0o600)
-        _write_atomically(folder / CA_FILE, ca_certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
-    _write_atomically(folder / SERVER_KEY_FILE, _private_pem(server_key), mode=0o600)
-    _write_atomically(
+        write_atomically(folder / CA_KEY_FILE, _private_pem(ca_key), mode=0o600)
+        write_atomically(folder / CA_FILE, ca_certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    write_atomically(folder / SERVER_KEY_FILE, _private_pem(server_key), mode=0o600)
+    write_atomically(
         folder / SERVER_CERT_FILE,
         server_certificate.public_bytes(serialization.Encoding.PEM),
         mode=0o644,
@@ -187,17 +187,3 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
