@@ -201,5 +201,12 @@ def test_updater_fetches_upstream_and_survives_errors(publisher, tmp_path):
         assert status["items"][0]["outcome"] == "failed"
         assert "not valid JSON" in status["items"][0]["error"]
         assert [item["outcome"] for item in status["items"][1:3]] == ["succeeded", "succeeded"]
+
+        # RQ's own tool reads our queue and sees the worker.
+        info = subprocess.run([str(VENV_BIN / "rq"), "info", "--url", env["AGENTMGR_REDIS_URL"], "updates"],
+                              capture_output=True, text=True, timeout=60)
+        assert info.returncode == 0, info.stderr
+        assert "updates" in info.stdout
+        assert "1 worker" in info.stdout or "1 workers" in info.stdout
     finally:
         stop_process(worker)
