@@ -47,7 +47,7 @@ class ReleaseError(Exception):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReleaseManifest:
-    """What a publisher vouches for: one artifact of one version for one platform."""
+    """Description of one artifact of one version for one platform, as its publisher signs it."""
 
     version: str
     os_name: str

@@ -35,7 +35,7 @@ _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class Context:
-    """What a subcommand needs: settings, output format, the caller's name, the database."""
+    """Settings, output format, caller name and database access of one subcommand run."""
 
     def __init__(self, settings: Settings, output: str, panel: Any = None) -> None:
         self.settings = settings

@@ -1,4 +1,4 @@
-"""Publish a message to the gateway process that holds an agent's stream (synchronous side).
+"""Publish a message to the gateway process that has an agent's stream open (synchronous side).
 
 The CLI and the updater's jobs use this; the gateway's own asyncio code does
 the same with redis.asyncio. Key and channel names live in
@@ -18,7 +18,7 @@ from services.grpc_gateway.keys import LAST_SEEN_KEY, REVOCATIONS_CHANNEL, gatew
 
 
 def is_connected(client: redis.Redis, agent_id: uuid.UUID) -> bool:
-    """Tell whether some gateway holds a live stream of ``agent_id``."""
+    """Tell whether some gateway has a live stream of ``agent_id``."""
     return bool(client.exists(session_key(agent_id)))
 
 

@@ -73,7 +73,7 @@ class Release:
     signing_key_id: str
     manifest_bytes: bytes
     source: str
-    """Where the release came from: ``upstream:URL`` or ``publish:PATH``."""
+    """Origin of the release: ``upstream:URL`` or ``publish:PATH``."""
     created_at: datetime.datetime
 
 
@@ -275,7 +275,7 @@ def get_release(conn: psycopg2.extensions.connection, release_id: uuid.UUID) -> 
 
 
 def list_releases(conn: psycopg2.extensions.connection, *, page: PageRequest) -> Page[Release]:
-    """Return one page of releases, newest first unless ``page.sort`` says otherwise.
+    """Return one page of releases, oldest first unless ``page`` sets another order.
 
     Raises:
         InvalidArgument: the page request is invalid.

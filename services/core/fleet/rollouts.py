@@ -82,7 +82,7 @@ FINAL_AGENT_STATES = FAILURE_STATES | {AgentUpdateState.SUCCEEDED}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Selection:
-    """Which agents a rollout targets; every part that is set must match."""
+    """Agents a rollout targets; every part that is set must match."""
 
     group: str = ""
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
