@@ -43,7 +43,7 @@ def agentmgr_status(stack, *, expect_healthy: bool = True) -> dict:
         [str(VENV_BIN / "agentmgr"), "-o", "json", "status"],
         env=stack.env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
     )
-    assert result.returncode == (0 if expect_healthy else 1), result.stdout + result.stderr
+    assert result.returncode == (0 if expect_healthy else 14), result.stdout + result.stderr
     return json.loads(result.stdout)
 
 

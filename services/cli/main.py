@@ -3,10 +3,11 @@
 On the manager's VM it works from the ``AGENTMGR_`` settings alone and calls
 the same domain functions (``services.core.fleet``) that the panel API serves.
 
-Exit statuses: 0 success, 1 unexpected error, 2 invalid argument or setting,
-3 database unusable, 9 Redis unusable, 10 not found, 11 conflict with the
-current state (already exists, revoked, expired), 12 unauthenticated,
-13 permission denied.
+Exit statuses: 0 success, 1 unexpected error (for `command run --wait`: the
+command failed, timed out, expired or was cancelled), 2 invalid argument or
+setting, 3 database or panel API unusable, 9 Redis unusable, 10 not found,
+11 conflict with the current state (already exists, revoked, expired),
+12 unauthenticated, 13 permission denied, 14 `status` found a part unhealthy.
 """
 
 from __future__ import annotations

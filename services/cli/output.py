@@ -75,7 +75,7 @@ def print_records(
     for row in rows:
         stream.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
     for key, value in (extra or {}).items():
-        if value:
+        if value is not None and value != "":
             stream.write(f"{key}: {_cell(value)}\n")
 
 

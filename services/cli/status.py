@@ -26,6 +26,8 @@ from services.core.schema import check_schema
 from services.core.tls import CA_FILE
 
 HEALTH_TIMEOUT_SECONDS = 3
+UNHEALTHY_EXIT_CODE = 14
+"""Exit status of `agentmgr status` when any part is unhealthy."""
 AUDIT_COLUMNS = ("id", "at", "actor", "action", "target_type", "target_id", "outcome")
 
 
@@ -109,7 +111,7 @@ def status(context: Context, arguments: argparse.Namespace) -> int:
             print(f"{name:<12} {'ok' if part['ok'] else 'FAILED':<7} {summary(details)}")
     else:
         print_record({"healthy": healthy, **report}, context.output)
-    return 0 if healthy else 1
+    return 0 if healthy else UNHEALTHY_EXIT_CODE
 
 
 def summary(details: dict[str, Any]) -> str:
@@ -137,7 +139,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     command.set_defaults(handler=status)
     group = groups.add_parser("audit", help="the append-only log of operator actions").add_subparsers(dest="action", required=True)
     listing = group.add_parser("list", help="list audit entries, oldest first")
-    listing.add_argument("--actor")
+    listing.add_argument("--actor", help="who acted, such as cli:root@vm or an API token name")
     listing.add_argument("--action", dest="action_filter", metavar="ACTION", help="such as token.create or agent.delete")
     listing.add_argument("--target", help="target id")
     listing.add_argument("--since", type=duration_seconds, help="only entries this recent, such as 1h or 7d")

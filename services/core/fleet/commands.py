@@ -257,6 +257,9 @@ def cancel_command(conn: psycopg2.extensions.connection, command_id: uuid.UUID, 
     A command that is already running on the agent is marked cancelled too,
     and its later result is ignored.
 
+    NOTE: the agent is not told, because the protocol has no stop message yet,
+    so a running command goes on until it exits or reaches its timeout.
+
     Raises:
         NotFound: no such command.
         InvalidState: the command is already in a final state.
