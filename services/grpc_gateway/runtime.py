@@ -20,6 +20,9 @@ from services.core.settings import Settings
 
 T = TypeVar("T")
 
+REDIS_MAX_CONNECTIONS = 100
+"""Redis connections per gateway process; more concurrent commands wait up to the socket timeout."""
+
 
 def new_instance_id() -> str:
     """Return an id for this gateway process that no other process, here or elsewhere, shares."""
@@ -48,12 +51,18 @@ class GatewayRuntime:
             max_connections=settings.gateway_db_connections,
             application_name="agentmgr-grpc_gateway",
         )
-        client = redis.asyncio.Redis.from_url(
+        # A blocking pool makes a burst of commands wait for a free connection. The default
+        # pool of redis-py 8 raises MaxConnectionsError past 100 connections instead, which
+        # closed thousands of sessions when many agents heartbeat or disconnect at once.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=SOCKET_TIMEOUT_SECONDS,
             socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
             socket_timeout=SOCKET_TIMEOUT_SECONDS,
             health_check_interval=30,
         )
+        client = redis.asyncio.Redis.from_pool(pool)
         return cls(settings=settings, database=database, redis=client, instance_id=new_instance_id())
 
     @property
