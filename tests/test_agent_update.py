@@ -1,8 +1,8 @@
 """Agent self-update end to end: the real updater worker, gateway and agents as processes.
 
-"v1" is the agent of this checkout (the code ``agentmgr-agent`` was installed
-with); "v2" is a build of the same code with ``__version__`` set to 2.0.0,
-packed, signed and published by each test.
+The agents start with the agent of this checkout (``V1``, the code
+``agentmgr-agent`` was installed with). Each release is a build of the same
+code with another ``__version__``, packed, signed and published by the test.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
+import agent
 from agent.releases import generate_key_pair, load_private_key, manifest_for, parse_public_keys, sign_manifest
 from agent.versions import ArtifactError, VersionStore, extract_artifact
 from services.core.database import Database
@@ -29,14 +31,14 @@ from services.core.fleet import agents, releases, rollouts
 from services.core.fleet.rollouts import AgentUpdateState, RolloutState
 from services.core.settings import Settings
 from tests.agent_support import GATEWAY_SETTINGS, AgentHost, GatewayProcess, create_enrollment_token, start_gateway
-from tests.support import PROJECT_ROOT, VENV_BIN, wait_until
+from tests.support import PROJECT_ROOT, VENV_BIN, RedisServer, free_port, wait_until
 
-V1 = __import__("agent").__version__
-V2 = "2.0.0"
-HEALTH_TIMEOUT_SECONDS = 15
-"""The agents' trial time for a new version; far below the rollouts' agent timeout."""
-AGENT_TIMEOUT_SECONDS = 120
-ROLLOUT_WAIT_SECONDS = 90
+V1 = agent.__version__
+HEALTH_TIMEOUT_SECONDS = 60
+"""The agents' trial time for a new version: below the rollouts' agent timeout, and long enough for a
+loaded test machine to start a new version. The broken release exits at once, so no test waits for it."""
+AGENT_TIMEOUT_SECONDS = 180
+ROLLOUT_WAIT_SECONDS = 240
 
 
 # Building and publishing releases.
@@ -69,27 +71,23 @@ def agentmgr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 class UpdateStack:
-    """A publisher key the manager trusts, a gateway, the updater worker, and agents of one group."""
+    """A publisher key the manager trusts, a gateway and the updater worker, shared by this module's tests."""
 
-    def __init__(self, service_env: dict[str, str], home: Path, root: Path, database_url: str) -> None:
+    def __init__(self, env: dict[str, str], root: Path) -> None:
         self.root = root
-        self.database_url = database_url
         self.keys = root / "keys"
-        self.env = {**service_env, **GATEWAY_SETTINGS, "AGENTMGR_UPDATES_TRUSTED_KEYS_FILE": str(root / "trusted.pub")}
+        self.env = {**env, **GATEWAY_SETTINGS, "AGENTMGR_UPDATES_TRUSTED_KEYS_FILE": str(root / "trusted.pub")}
         keygen = agentmgr(self.env, "release", "keygen", "--out", str(self.keys))
         assert keygen.returncode == 0, keygen.stderr
         (root / "trusted.pub").write_text((self.keys / "publisher.pub").read_text())
-        self.gateway: GatewayProcess = start_gateway(self.env, home)
+        self.gateway: GatewayProcess = start_gateway(self.env, Path(env["AGENTMGR_HOME"]))
         self.updater_log = root / "updater.log"
         self.updater = subprocess.Popen(
             [sys.executable, "-m", "services.updater"], env={**os.environ, **self.env}, cwd=PROJECT_ROOT,
             stdout=subprocess.DEVNULL, stderr=open(self.updater_log, "wb"),
         )
         wait_until(lambda: b"listening: queue updates" in self.updater_log.read_bytes(), timeout=60, what="the updater to listen")
-        self.group = f"g{uuid.uuid4().hex[:8]}"
-        self.token = create_enrollment_token(database_url, group=self.group)
-        self.hosts: list[AgentHost] = []
-        self.database = Database(database_url, max_connections=1, application_name="agentmgr-test")
+        self.database = Database(env["AGENTMGR_DATABASE_URL"], max_connections=1, application_name="agentmgr-test")
 
     def publish(self, artifact: Path, version: str) -> None:
         """Sign ``artifact`` with the trusted key and publish it, as a release manager would."""
@@ -98,13 +96,37 @@ class UpdateStack:
         published = agentmgr(self.env, "updates", "publish", str(artifact))
         assert published.returncode == 0, published.stderr
 
+    def release(self, version: str) -> releases.Release:
+        with self.database.transaction() as conn:
+            release = releases.find_release(conn, version, "linux", "any")
+        assert release is not None
+        return release
+
+    def close(self) -> None:
+        self.updater.send_signal(signal.SIGTERM)
+        self.updater.wait(timeout=60)
+        self.gateway.stop()
+        self.database.close()
+
+
+class Fleet:
+    """The agents of one test: a group of their own, so that each rollout selects only them."""
+
+    def __init__(self, stack: UpdateStack, root: Path) -> None:
+        self.stack = stack
+        self.root = root
+        self.group = f"g{uuid.uuid4().hex[:8]}"
+        self.token = create_enrollment_token(stack.env["AGENTMGR_DATABASE_URL"], group=self.group)
+        self.hosts: list[AgentHost] = []
+
     def add_host(self, *, start: bool = True) -> AgentHost:
+        """Install an agent of this group and, with ``start``, run it until its session is open."""
         folder = self.root / f"host{len(self.hosts)}"
         folder.mkdir()
         host = AgentHost(folder, machine_id=f"test-{uuid.uuid4().hex}")
         host.env["AGENTMGR_AGENT_UPDATE_HEALTH_TIMEOUT_SECONDS"] = str(HEALTH_TIMEOUT_SECONDS)
         self.hosts.append(host)
-        installed = host.install(self.gateway, self.token)
+        installed = host.install(self.stack.gateway, self.token)
         assert installed.returncode == 0, installed.stderr
         if start:
             host.start()
@@ -113,18 +135,18 @@ class UpdateStack:
 
     def start_rollout(self, version: str, *, waves: str = "100", failure_threshold: str = "0") -> uuid.UUID:
         result = agentmgr(
-            self.env, "updates", "rollout", version, "--group", self.group, "--waves", waves, "--max-parallel", "10",
+            self.stack.env, "updates", "rollout", version, "--group", self.group, "--waves", waves, "--max-parallel", "10",
             "--failure-threshold", failure_threshold, "--agent-timeout", str(AGENT_TIMEOUT_SECONDS),
         )
         assert result.returncode == 0, result.stderr
         return uuid.UUID(json.loads(result.stdout)["rollout_id"])
 
     def rollout(self, rollout_id: uuid.UUID) -> rollouts.Rollout:
-        with self.database.transaction() as conn:
+        with self.stack.database.transaction() as conn:
             return rollouts.get_rollout(conn, rollout_id)
 
     def members(self, rollout_id: uuid.UUID) -> dict[str, rollouts.RolloutAgent]:
-        with self.database.transaction() as conn:
+        with self.stack.database.transaction() as conn:
             return {str(member.agent_id): member for member in rollouts.list_rollout_agents(conn, rollout_id)}
 
     def wait_rollout(self, rollout_id: uuid.UUID, state: RolloutState) -> rollouts.Rollout:
@@ -132,6 +154,8 @@ class UpdateStack:
             for host in self.hosts:
                 host.check_alive()
             rollout = self.rollout(rollout_id)
+            if rollout.state != state and rollout.state in rollouts.FINAL_ROLLOUT_STATES | {RolloutState.PAUSED}:
+                raise AssertionError(f"rollout {rollout_id} is {rollout.state.value}, not {state.value}: {rollout.state_reason}")
             return rollout if rollout.state == state else None
 
         return wait_until(reached, timeout=ROLLOUT_WAIT_SECONDS, interval=0.5, what=f"rollout {rollout_id} to be {state.value}")
@@ -140,21 +164,20 @@ class UpdateStack:
         def reached() -> rollouts.RolloutAgent | None:
             host.check_alive()
             member = self.members(rollout_id)[host.agent_id]
+            if member.state != state and member.state in rollouts.FINAL_AGENT_STATES:
+                raise AssertionError(f"agent {host.agent_id} ended {member.state.value}, not {state.value}: {member.error}")
             return member if member.state == state else None
 
         return wait_until(reached, timeout=ROLLOUT_WAIT_SECONDS, interval=0.5, what=f"agent {host.agent_id} to be {state.value}")
 
     def recorded_version(self, host: AgentHost) -> str:
-        with self.database.transaction() as conn:
+        """Return the agent's version in the manager's agents table."""
+        with self.stack.database.transaction() as conn:
             return agents.get_agent(conn, uuid.UUID(host.agent_id)).agent_version
 
-    def close(self) -> None:
+    def stop(self) -> None:
         for host in self.hosts:
             host.stop()
-        self.updater.send_signal(signal.SIGTERM)
-        self.updater.wait(timeout=60)
-        self.gateway.stop()
-        self.database.close()
 
 
 def log_messages(host: AgentHost, prefix: str) -> list[str]:
@@ -166,69 +189,98 @@ def installed_versions(host: AgentHost) -> list[str]:
     return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
 
 
-@pytest.fixture
-def stack(service_env, home, tmp_path, database_url) -> Iterator[UpdateStack]:
-    update_stack = UpdateStack(service_env, home, tmp_path, database_url)
+@pytest.fixture(scope="module")
+def stack(postgres, redis_server, test_root) -> Iterator[UpdateStack]:
+    """One migrated database, Redis database, gateway and updater for the whole module, as starting them takes seconds."""
+    home = test_root / f"updates-{uuid.uuid4().hex[:8]}"
+    home.mkdir()
+    home.chmod(0o755)
+    database_name = f"t_{uuid.uuid4().hex[:12]}"
+    # The last Redis database: the per-test fixtures of other modules start from 1.
+    redis_url = redis_server.url_for(RedisServer.DATABASES - 1)
+    redis.Redis.from_url(redis_url).flushdb()
+    env = {
+        "AGENTMGR_HOME": str(home),
+        "AGENTMGR_DATABASE_URL": postgres.create_database(database_name),
+        "AGENTMGR_REDIS_URL": redis_url,
+        "AGENTMGR_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        "AGENTMGR_LOG_LEVEL": "INFO",
+        "AGENTMGR_GATEWAY_METRICS_ADDRESS": "",
+        "AGENTMGR_UPDATER_METRICS_ADDRESS": "",
+    }
+    update_stack = UpdateStack(env, home)
     yield update_stack
     update_stack.close()
+    postgres.drop_database(database_name)
+    redis.Redis.from_url(redis_url).flushdb()
 
 
-# End to end.
+@pytest.fixture
+def fleet(stack, tmp_path) -> Iterator[Fleet]:
+    agents_of_test = Fleet(stack, tmp_path)
+    yield agents_of_test
+    agents_of_test.stop()
 
 
-def test_rollout_updates_agents_in_two_waves(stack) -> None:
-    stack.publish(build_release(stack.root / "build", V2), V2)
-    hosts = [stack.add_host() for _ in range(4)]
+# End to end. Each test publishes its own versions, because the module shares one release store.
 
-    rollout_id = stack.start_rollout(V2, waves="50,100")
-    rollout = stack.wait_rollout(rollout_id, RolloutState.COMPLETED)
+
+def test_rollout_updates_agents_in_two_waves(stack, fleet) -> None:
+    version = "2.0.0"
+    stack.publish(build_release(fleet.root / "build", version), version)
+    hosts = [fleet.add_host() for _ in range(4)]
+
+    rollout_id = fleet.start_rollout(version, waves="50,100")
+    rollout = fleet.wait_rollout(rollout_id, RolloutState.COMPLETED)
     for host in hosts:
-        wait_until(lambda: host.status()["running_version"] == V2 and host.connection_state() == "connected",
-                   timeout=30, what=f"the agent in {host.root} to run {V2}")
+        wait_until(lambda: host.status()["running_version"] == version and host.connection_state() == "connected",
+                   timeout=30, what=f"the agent in {host.root} to run {version}")
 
-    members = stack.members(rollout_id)
+    members = fleet.members(rollout_id)
     assert rollout.state_reason == "4 of 4 agents updated"
     assert sorted(member.wave for member in members.values()) == [0, 0, 1, 1]
     assert {member.state for member in members.values()} == {AgentUpdateState.SUCCEEDED}
     for host in hosts:
         status = host.status()
-        assert stack.recorded_version(host) == V2
-        assert status["running_version"] == V2
-        assert status["selected_version"] == V2
+        assert fleet.recorded_version(host) == version
+        assert status["running_version"] == version
+        assert status["selected_version"] == version
         assert status["pending_update"] is None
         assert status["trusted_publisher_keys"] == 1
-        assert installed_versions(host) == [V2]
-        # One install per agent, although the gateway repeats the notice when v2 reconnects.
+        assert installed_versions(host) == [version]
+        # One install per agent, although the gateway repeats the notice when the new version connects.
         assert len(log_messages(host, "updating:")) == 1
         assert len(log_messages(host, "healthy:")) == 1
 
 
-def test_offline_agent_updated_on_reconnect(stack) -> None:
-    stack.publish(build_release(stack.root / "build", V2), V2)
-    online = stack.add_host()
-    offline = stack.add_host(start=False)
+def test_offline_agent_updated_on_reconnect(stack, fleet) -> None:
+    version = "2.1.0"
+    stack.publish(build_release(fleet.root / "build", version), version)
+    online = fleet.add_host()
+    offline = fleet.add_host(start=False)
 
-    rollout_id = stack.start_rollout(V2)
-    stack.wait_member(rollout_id, online, AgentUpdateState.SUCCEEDED)
-    waiting = stack.members(rollout_id)[offline.agent_id]
-    still_running = stack.rollout(rollout_id)
+    rollout_id = fleet.start_rollout(version)
+    fleet.wait_member(rollout_id, online, AgentUpdateState.SUCCEEDED)
+    waiting = fleet.members(rollout_id)[offline.agent_id]
+    still_running = fleet.rollout(rollout_id)
     offline.start()
-    rollout = stack.wait_rollout(rollout_id, RolloutState.COMPLETED)
+    rollout = fleet.wait_rollout(rollout_id, RolloutState.COMPLETED)
 
     assert waiting.state == AgentUpdateState.PENDING
     assert still_running.state == RolloutState.RUNNING
     assert rollout.state_reason == "2 of 2 agents updated"
-    assert stack.recorded_version(offline) == V2
-    wait_until(lambda: offline.status()["running_version"] == V2, timeout=30, what="the reconnected agent to run v2")
+    assert fleet.recorded_version(offline) == version
+    wait_until(lambda: offline.status()["running_version"] == version, timeout=30, what="the reconnected agent to run the update")
 
 
-def test_version_that_cannot_start_rolls_back(stack) -> None:
-    stack.publish(build_release(stack.root / "build", V2, broken=True), V2)
-    hosts = [stack.add_host() for _ in range(2)]
+def test_version_that_cannot_start_rolls_back(stack, fleet) -> None:
+    version = "2.2.0"
+    stack.publish(build_release(fleet.root / "build", version, broken=True), version)
+    hosts = [fleet.add_host() for _ in range(2)]
 
-    rollout_id = stack.start_rollout(V2, waves="50,100", failure_threshold="0")
-    rollout = stack.wait_rollout(rollout_id, RolloutState.PAUSED)
-    members = stack.members(rollout_id)
+    rollout_id = fleet.start_rollout(version, waves="50,100", failure_threshold="0")
+    rollout = fleet.wait_rollout(rollout_id, RolloutState.PAUSED)
+    members = fleet.members(rollout_id)
     rolled_back = [host for host in hosts if members[host.agent_id].state == AgentUpdateState.ROLLED_BACK]
     untouched = [host for host in hosts if members[host.agent_id].state == AgentUpdateState.PENDING]
 
@@ -236,34 +288,31 @@ def test_version_that_cannot_start_rolls_back(stack) -> None:
     assert len(rolled_back) == 1
     assert len(untouched) == 1
     host = rolled_back[0]
-    assert "exited with status 1 before it opened a session" in members[host.agent_id].error
+    assert f"version {version} exited with status 1 before it opened a session" in members[host.agent_id].error
     host.wait_connected()
     status = host.status()
     assert status["running_version"] == V1
     assert status["selected_version"] == "installed"
     assert status["pending_update"] is None
-    assert stack.recorded_version(host) == V1
-    assert any("rolled back:" in message for message in log_messages(host, "rolled back:"))
+    assert fleet.recorded_version(host) == V1
+    assert len(log_messages(host, "rolled back:")) == 1
     assert installed_versions(untouched[0]) == []
 
 
-def test_agent_rejects_tampered_and_untrusted_releases(stack) -> None:
-    artifact = build_release(stack.root / "build", V2)
-    stack.publish(artifact, V2)
-    store = releases.store_from_settings(Settings.from_env(stack.env))
-    with stack.database.transaction() as conn:
-        published = releases.find_release(conn, V2, "linux", "any")
+def test_agent_rejects_tampered_and_untrusted_releases(stack, fleet) -> None:
+    version, untrusted_version = "2.3.0", "2.3.1"
+    stack.publish(build_release(fleet.root / "build", version), version)
     # The same size with other bytes: only the SHA-256 check can catch it.
-    stored = store.path_for(published.sha256)
+    store = releases.store_from_settings(Settings.from_env(stack.env))
+    stored = store.path_for(stack.release(version).sha256)
     tampered = bytearray(stored.read_bytes())
     tampered[len(tampered) // 2] ^= 0xFF
     stored.chmod(0o644)
     stored.write_bytes(bytes(tampered))
 
-    # A release the manager stores although no key pinned by the agents signed it.
-    untrusted_version = "2.0.1"
+    # A release that the manager stores although no key pinned by the agents signed it.
     untrusted_pem, untrusted_line = generate_key_pair()
-    untrusted_artifact = build_release(stack.root / "untrusted", untrusted_version)
+    untrusted_artifact = build_release(fleet.root / "untrusted", untrusted_version)
     manifest_bytes, signature = sign_manifest(
         load_private_key(untrusted_pem),
         manifest_for(untrusted_artifact, version=untrusted_version, os_name="linux", architecture="any"),
@@ -274,11 +323,11 @@ def test_agent_rejects_tampered_and_untrusted_releases(stack) -> None:
             open_artifact=lambda: io.BytesIO(untrusted_artifact.read_bytes()), source="test", actor="test",
         )
 
-    host = stack.add_host()
-    tampered_rollout = stack.start_rollout(V2)
-    tampered_member = stack.wait_member(tampered_rollout, host, AgentUpdateState.FAILED)
-    untrusted_rollout = stack.start_rollout(untrusted_version)
-    untrusted_member = stack.wait_member(untrusted_rollout, host, AgentUpdateState.FAILED)
+    host = fleet.add_host()
+    tampered_rollout = fleet.start_rollout(version)
+    tampered_member = fleet.wait_member(tampered_rollout, host, AgentUpdateState.FAILED)
+    untrusted_rollout = fleet.start_rollout(untrusted_version)
+    untrusted_member = fleet.wait_member(untrusted_rollout, host, AgentUpdateState.FAILED)
 
     assert "has SHA-256" in tampered_member.error
     assert "does not match any trusted publisher key" in untrusted_member.error
@@ -286,19 +335,20 @@ def test_agent_rejects_tampered_and_untrusted_releases(stack) -> None:
     assert list(VersionStore(host.state_dir).downloads.iterdir()) == []
     assert host.status()["selected_version"] == "installed"
     assert host.status()["running_version"] == V1
-    assert stack.recorded_version(host) == V1
+    assert fleet.recorded_version(host) == V1
     assert host.check_alive()
 
 
-def test_agent_without_pinned_keys_rejects_updates(stack) -> None:
-    stack.publish(build_release(stack.root / "build", V2), V2)
-    host = stack.add_host(start=False)
+def test_agent_without_pinned_keys_rejects_updates(stack, fleet) -> None:
+    version = "2.4.0"
+    stack.publish(build_release(fleet.root / "build", version), version)
+    host = fleet.add_host(start=False)
     (host.config_dir / "trusted_publishers.pub").write_text("")
     host.start()
     host.wait_connected()
 
-    rollout_id = stack.start_rollout(V2)
-    member = stack.wait_member(rollout_id, host, AgentUpdateState.FAILED)
+    rollout_id = fleet.start_rollout(version)
+    member = fleet.wait_member(rollout_id, host, AgentUpdateState.FAILED)
 
     assert "no publisher key is pinned" in member.error
     assert installed_versions(host) == []
