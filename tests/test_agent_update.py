@@ -44,8 +44,15 @@ ROLLOUT_WAIT_SECONDS = 240
 # Building and publishing releases.
 
 
-def build_release(folder: Path, version: str, *, broken: bool = False) -> Path:
-    """Pack this checkout's agent as ``version``; ``broken`` makes ``agent/__init__.py`` raise at import."""
+BREAKAGES = {
+    "raises": '\nraise RuntimeError("this build cannot start")\n',
+    "hangs": "\nimport time\ntime.sleep(3600)\n",
+}
+"""Code appended to a broken build's ``agent/__init__.py``, so that it fails at import."""
+
+
+def build_release(folder: Path, version: str, *, broken: str = "") -> Path:
+    """Pack this checkout's agent as ``version``; ``broken`` names an entry of ``BREAKAGES`` to build in."""
     source = folder / f"src-{version}"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(PROJECT_ROOT / "agent", source / "agent", ignore=ignore)
@@ -53,8 +60,7 @@ def build_release(folder: Path, version: str, *, broken: bool = False) -> Path:
     init = source / "agent" / "__init__.py"
     text, count = re.subn(r'^__version__ = ".*"$', f'__version__ = "{version}"', init.read_text(), flags=re.MULTILINE)
     assert count == 1
-    if broken:
-        text += '\nraise RuntimeError("this build cannot start")\n'
+    text += BREAKAGES[broken] if broken else ""
     init.write_text(text)
     artifact = folder / f"agentmgr-agent-{version}.tar.gz"
     with tarfile.open(artifact, "w:gz") as archive:
@@ -119,12 +125,12 @@ class Fleet:
         self.token = create_enrollment_token(stack.env["AGENTMGR_DATABASE_URL"], group=self.group)
         self.hosts: list[AgentHost] = []
 
-    def add_host(self, *, start: bool = True) -> AgentHost:
+    def add_host(self, *, start: bool = True, health_timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> AgentHost:
         """Install an agent of this group and, with ``start``, run it until its session is open."""
         folder = self.root / f"host{len(self.hosts)}"
         folder.mkdir()
         host = AgentHost(folder, machine_id=f"test-{uuid.uuid4().hex}")
-        host.env["AGENTMGR_AGENT_UPDATE_HEALTH_TIMEOUT_SECONDS"] = str(HEALTH_TIMEOUT_SECONDS)
+        host.env["AGENTMGR_AGENT_UPDATE_HEALTH_TIMEOUT_SECONDS"] = str(health_timeout_seconds)
         self.hosts.append(host)
         installed = host.install(self.stack.gateway, self.token)
         assert installed.returncode == 0, installed.stderr
@@ -275,7 +281,7 @@ def test_offline_agent_updated_on_reconnect(stack, fleet) -> None:
 
 def test_version_that_cannot_start_rolls_back(stack, fleet) -> None:
     version = "2.2.0"
-    stack.publish(build_release(fleet.root / "build", version, broken=True), version)
+    stack.publish(build_release(fleet.root / "build", version, broken="raises"), version)
     hosts = [fleet.add_host() for _ in range(2)]
 
     rollout_id = fleet.start_rollout(version, waves="50,100", failure_threshold="0")
@@ -297,6 +303,23 @@ def test_version_that_cannot_start_rolls_back(stack, fleet) -> None:
     assert fleet.recorded_version(host) == V1
     assert len(log_messages(host, "rolled back:")) == 1
     assert installed_versions(untouched[0]) == []
+
+
+def test_version_without_session_rolls_back(stack, fleet) -> None:
+    version = "2.2.1"
+    stack.publish(build_release(fleet.root / "build", version, broken="hangs"), version)
+    host = fleet.add_host(health_timeout_seconds=3)
+
+    rollout_id = fleet.start_rollout(version)
+    rollout = fleet.wait_rollout(rollout_id, RolloutState.PAUSED)
+    member = fleet.members(rollout_id)[host.agent_id]
+
+    assert member.state == AgentUpdateState.ROLLED_BACK
+    assert f"version {version} opened no session within 3s" in member.error
+    assert "failure threshold reached" in rollout.state_reason
+    host.wait_connected()
+    assert host.status()["running_version"] == V1
+    assert host.status()["selected_version"] == "installed"
 
 
 def test_agent_rejects_tampered_and_untrusted_releases(stack, fleet) -> None:
