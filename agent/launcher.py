@@ -4,9 +4,10 @@ puts a newly installed version on trial, and rolls it back when it does not beco
 The launcher is the code the agent was installed with, and it never
 updates itself, so a broken release cannot break the launcher. It runs
 ``python -P -m agent run ...`` with ``PYTHONPATH`` set to the folder that
-``updates/current`` selects (none: the installed code), forwards SIGTERM and
-SIGINT to the child, and exits with the child's exit status, except for
-``ExitCode.UPDATE_INSTALLED``, which makes it start the newly selected version.
+``updates/current`` selects, or unset when there is none, so that the
+installed code runs. It forwards SIGTERM and SIGINT to the child and exits
+with the child's exit status. The exception is ``ExitCode.UPDATE_INSTALLED``,
+after which it starts the newly selected version.
 
 A version on trial (``updates/pending.json`` exists) must open a session
 with the manager within ``AGENTMGR_AGENT_UPDATE_HEALTH_TIMEOUT_SECONDS``;

@@ -15,8 +15,8 @@ On an UpdateNotice the agent:
 
 Any failed check reports FAILED with the reason and leaves ``current`` as it
 was. The new version reports SUCCEEDED once its first session is open
-(``confirm_trial``); a version that fails its trial is rolled back by the
-launcher, and the previous version reports ROLLED_BACK on its next session.
+(``confirm_trial``). When a new version fails its trial, the launcher rolls
+it back, and the previous version reports ROLLED_BACK on its next session.
 """
 
 from __future__ import annotations

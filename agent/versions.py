@@ -80,7 +80,7 @@ FINAL_STATES = frozenset({UpdateState.SUCCEEDED, UpdateState.FAILED, UpdateState
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutRecord:
-    """What the agent did for one rollout."""
+    """The agent's progress and outcome in one rollout."""
 
     rollout_id: str
     release_id: str
