@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.errors import ExitCode
-from tests.support import PROJECT_ROOT, VENV_BIN, PostgresCluster, free_port, supervised
+from tests.support import PROJECT_ROOT, VENV_BIN, PostgresCluster, free_port, supervised, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -157,6 +157,12 @@ def test_sigterm_stops_everything(home, database_url, redis_url):
     with supervised(home, env, via_launcher=False) as stack:
         stack.wait_state("grpc_gateway", "RUNNING", timeout=90)
         stack.wait_state("updater", "RUNNING", timeout=60)
+        # RUNNING only means alive for startsecs; on a loaded machine the programs may still be
+        # importing, before their signal handlers exist. Wait until both serve.
+        wait_until(lambda: any('"message": "listening: ' in line for line in stack.log_lines("grpc_gateway")),
+                   timeout=90, what="the gateway to listen")
+        wait_until(lambda: any('"listening: queue updates"' in line for line in stack.log_lines("updater")),
+                   timeout=90, what="the updater to listen")
         pids = [stack.info(name)["pid"] for name in ("grpc_gateway", "updater", "start_gate")]
 
         # Bounded by the sum of the programs' stopwaitsecs in conf/supervisord.conf.
