@@ -201,3 +201,13 @@ def test_audit_list_filters(cli_env):
     assert all(item["outcome"] == "success" for item in everything["items"])
     assert [item["action"] for item in revokes["items"]] == ["token.revoke"]
     assert [item["action"] for item in by_target["items"]] == ["token.create", "token.revoke"]
+
+
+def test_failed_actions_are_audited(cli_env):
+    failed = agentmgr(cli_env, "token", "revoke", "00000000-0000-0000-0000-000000000000")
+    entries = json.loads(agentmgr(cli_env, "-o", "json", "audit", "list").stdout)["items"]
+
+    assert failed.returncode == 10
+    assert [(entry["action"], entry["outcome"]) for entry in entries] == [("token.revoke", "failure")]
+    assert entries[0]["target_id"] == "00000000-0000-0000-0000-000000000000"
+    assert "not found" in entries[0]["details"]["error"]

@@ -88,3 +88,20 @@ def test_remote_errors_exit_codes(stack, role, args, status, message):
 
     assert result.returncode == status, result.stdout + result.stderr
     assert message in result.stderr
+
+
+def test_denied_panel_call_is_audited(stack):
+    viewer = stack.api_token("viewer")
+
+    def denied_entries() -> list[dict]:
+        entries = json_of(cli(stack, "-o", "json", "audit", "list", "--action", "token.create", "--limit", "500"))["items"]
+        return [entry for entry in entries if entry["outcome"] == "denied"]
+
+    before = denied_entries()
+    denied = cli(stack, "token", "create", remote=viewer)
+    after = denied_entries()
+
+    assert denied.returncode == 13
+    assert len(after) == len(before) + 1
+    assert after[-1]["actor"].startswith("api:viewer-")
+    assert "role" in after[-1]["details"]["error"]

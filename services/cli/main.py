@@ -33,13 +33,29 @@ from agentmanager.v1 import panel_pb2
 from services.cli import fleet, remote, status, updates
 from services.cli.output import FORMATS, TABLE, print_record, print_records
 from services.core.errors import AgentManagerError, ExitCode, RequestError, SettingsError, exit_code_for
-from services.core.fleet import apitokens, enrollment
+from services.core.fleet import apitokens, audit, enrollment
 from services.core.fleet.models import ApiRole, utc_now
 from services.core.logs import configure_logging
 from services.core.settings import Settings
 from services.core.tls import load_tls_material
 
 logger = logging.getLogger("agentmgr.cli")
+
+AUDITED_ACTIONS = {
+    ("token", "create"): "token.create",
+    ("token", "revoke"): "token.revoke",
+    ("apikey", "create"): "apikey.create",
+    ("apikey", "revoke"): "apikey.revoke",
+    ("agents", "delete"): "agent.delete",
+    ("command", "run"): "command.create",
+    ("command", "cancel"): "command.cancel",
+    ("updates", "publish"): "release.add",
+    ("updates", "rollout"): "rollout.create",
+    ("updates", "pause"): "rollout.pause",
+    ("updates", "resume"): "rollout.resume",
+    ("updates", "abort"): "rollout.abort",
+}
+"""Subcommands that change state, with the audit action that records them."""
 
 REMOTE_GROUPS = ("token", "agents", "command")
 """Command groups that the panel API serves, so they work with --server."""
@@ -243,12 +259,33 @@ def run(argv: list[str] | None = None) -> int:
         return arguments.handler(context, arguments)
     except RequestError as error:
         print(f"agentmgr: {error}", file=sys.stderr)
+        if context.panel is None:
+            audit_failure(context, arguments, error)
         return EXIT_CODES_BY_GRPC_CODE.get(error.grpc_code_name, int(ExitCode.FAILURE))
     except AgentManagerError as error:
         print(f"agentmgr: {error}", file=sys.stderr)
         return exit_code_for(error)
     finally:
         context.close()
+
+
+def audit_failure(context: Context, arguments: argparse.Namespace, error: RequestError) -> None:
+    """Record a rejected state-changing subcommand in the audit log, in a transaction of its own.
+
+    Over --server the gateway records it instead. An audit that cannot be
+    written is reported on stderr; the subcommand's own error stays the result.
+    """
+    action = AUDITED_ACTIONS.get((arguments.command_group, arguments.action))
+    if action is None:
+        return
+    target = next((str(getattr(arguments, name)) for name in ("token_id", "agent_id", "command_id", "rollout_id")
+                   if getattr(arguments, name, None) is not None), "")
+    try:
+        with context.transaction() as connection:
+            audit.record(connection, actor=context.actor, action=action, target_id=target, outcome="failure",
+                         details={"error": str(error)[:500]})
+    except AgentManagerError as audit_error:
+        print(f"agentmgr: failed to record the failure in the audit log: {audit_error}", file=sys.stderr)
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 
 from services.core.credentials import hash_secret, secret_matches
-from services.core.errors import RequestError, Unauthenticated
+from services.core.errors import PermissionDenied, RequestError, Unauthenticated
 from services.core.fleet import agents, apitokens
 from services.core.fleet.models import ApiRole, ApiToken
 from services.grpc_gateway.keys import register_failures_key
@@ -157,10 +157,15 @@ class Authenticator:
             raise Unauthenticated(f"invalid {AUTHORIZATION_HEADER} metadata: expected Bearer <api token>")
         secret = header[len(BEARER_PREFIX):].strip()
         if not secret or len(secret) > MAX_CREDENTIAL_LENGTH:
-            raise Unauthenticated("invalid API token: create one with `agentmgr apitoken create`")
+            raise Unauthenticated("invalid API token: create one with `agentmgr apikey create`")
         token = await self.runtime.db(apitokens.authenticate_api_token, secret)
-        apitokens.require_role(token, role)
-        return OperatorCaller(token)
+        caller = OperatorCaller(token)
+        try:
+            apitokens.require_role(token, role)
+        except PermissionDenied as error:
+            error.actor = caller.actor  # type: ignore[attr-defined] - read by the audit of denied calls
+            raise
+        return caller
 
 
 def peer_host(peer: str) -> str:

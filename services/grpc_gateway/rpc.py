@@ -25,6 +25,7 @@ import redis.exceptions
 from services.core.errors import DatabaseError, RedisError, RequestError
 from services.core.fleet.models import ApiRole
 from services.core import metrics
+from services.core.fleet import audit
 from services.core.logs import bind_context
 
 logger = logging.getLogger("agentmgr.grpc_gateway.rpc")
@@ -56,13 +57,45 @@ async def abort_with(context: grpc.aio.ServicerContext, error: BaseException, me
     await context.abort(code, details)
 
 
-def _wrap(handler: Handler, authenticate: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Handler:
+AUDITED_PANEL_METHODS = {
+    "CreateEnrollmentToken": "token.create",
+    "RevokeEnrollmentToken": "token.revoke",
+    "DeleteAgent": "agent.delete",
+    "RunCommand": "command.create",
+    "CancelCommand": "command.cancel",
+}
+"""Panel methods that change state, with the audit action that records them."""
+
+
+async def audit_rejected(servicer: Any, method: str, caller: Any, error: BaseException) -> None:
+    """Record a rejected state-changing panel call: denied (role too low) or failed (bad request)."""
+    action = AUDITED_PANEL_METHODS.get(method)
+    if action is None or not isinstance(error, RequestError):
+        return
+    actor = getattr(caller, "actor", None) or getattr(error, "actor", None)
+    if actor is None:
+        return  # unauthenticated callers have no name to record
+    outcome = "denied" if error.grpc_code_name == "PERMISSION_DENIED" else "failure"
+    try:
+        await servicer.runtime.db(audit.record, actor=actor, action=action, outcome=outcome,
+                                  details={"error": str(error)[:500]})
+    except Exception as audit_error:  # noqa: BLE001 - the call's own status still goes back
+        logger.warning("failed: recording %s %s in the audit log (%s)", outcome, action, audit_error)
+
+
+def _wrap(
+    handler: Handler,
+    authenticate: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    *,
+    audit_rejections: bool = False,
+) -> Handler:
     method = handler.__name__
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.monotonic()
         code = grpc.StatusCode.OK
+        caller = None
         with bind_context(method=method):
             try:
                 caller = await authenticate(self, context)
@@ -74,6 +107,8 @@ def _wrap(handler: Handler, authenticate: Callable[[Any, grpc.aio.ServicerContex
                 raise
             except Exception as error:  # noqa: BLE001 - every error becomes a status here
                 code = status_for(error)[0]
+                if audit_rejections:
+                    await audit_rejected(self, method, caller, error)
                 await abort_with(context, error, method)
             finally:
                 metrics.RPCS.labels(method=method, code=code.name).inc()
@@ -109,7 +144,7 @@ def panel_rpc(role: ApiRole) -> Callable[[Handler], Handler]:
         async def authenticate(servicer: Any, context: grpc.aio.ServicerContext) -> Any:
             return await servicer.authenticator.authenticate_operator(context.invocation_metadata(), role)
 
-        return _wrap(handler, authenticate)
+        return _wrap(handler, authenticate, audit_rejections=True)
 
     return decorate
 
