@@ -75,6 +75,9 @@ class Launcher:
                 continue
 
             self.child = self.start_child()
+            if self.stop_signal is not None:
+                # The signal arrived while no child was running.
+                self.child.send_signal(self.stop_signal)
             if pending is not None and not self.watch_trial(pending):
                 continue
             status = self.wait_child()
@@ -106,6 +109,10 @@ class Launcher:
 
     def start_child(self) -> subprocess.Popen[bytes]:
         version = self.store.current_version()
+        if version is not None and not self.store.version_dir(version).is_dir():
+            logger.warning("missing: selected version %s in %s; selecting the installed code", version, self.store.versions)
+            self.store.select(None)
+            version = None
         environment = dict(os.environ)
         environment[LAUNCHER_PID_ENV] = str(os.getpid())
         if version is not None:

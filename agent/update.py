@@ -39,7 +39,15 @@ from agentmanager.v1 import agent_pb2, agent_pb2_grpc
 from agent import __version__
 from agent.config import TRUSTED_PUBLISHERS_FILE, AgentSettings, InstalledConfig
 from agent.releases import ReleaseError, ReleaseManifest, parse_public_keys, verify_artifact, verify_manifest
-from agent.versions import FINAL_STATES, ArtifactError, PendingUpdate, RolloutRecord, UpdateState, VersionStore
+from agent.versions import (
+    FINAL_STATES,
+    ArtifactError,
+    PendingUpdate,
+    RolloutRecord,
+    UpdateState,
+    VersionStore,
+    check_free_space,
+)
 
 logger = logging.getLogger("agentmgr.agent.update")
 
@@ -180,6 +188,16 @@ class Updater:
                          extra={"rollout_id": notice.rollout_id})
             self.report(dataclasses.replace(record, state=UpdateState.FAILED, reason=f"failed to record the update: {error}"))
             return
+        if notice.version == __version__:
+            # The manager's record of this agent's version was stale; there is nothing to install.
+            logger.info("skipped: update to version %s, which already runs", __version__, extra={"rollout_id": notice.rollout_id})
+            succeeded = dataclasses.replace(record, state=UpdateState.SUCCEEDED, report_pending=True)
+            try:
+                succeeded = self.store.write_record(succeeded)
+            except OSError as error:
+                logger.error("failed: recording rollout %s (%s)", notice.rollout_id, error, extra={"rollout_id": notice.rollout_id})
+            self.report(succeeded)
+            return
         logger.info(
             "updating: from version %s to %s (release %s)", __version__, notice.version, notice.release_id,
             extra={"rollout_id": notice.rollout_id, "release_id": notice.release_id},
@@ -211,10 +229,10 @@ class Updater:
         """
         if not is_launched():
             raise UpdateFailed("the agent runs without its launcher (`agentmgr-agent run`), which rolls back a failed update")
-        if notice.version == __version__:
-            raise UpdateFailed(f"version {__version__} already runs")
         manifest = self.verify_notice(notice)
 
+        partial = self.store.download_path(notice.release_id)
+        check_free_space(self.store.downloads, manifest.size_bytes - (partial.stat().st_size if partial.exists() else 0))
         artifact = await self.download(notice, manifest)
         try:
             await asyncio.to_thread(verify_artifact, artifact, manifest)
@@ -300,6 +318,8 @@ class Updater:
                 offset = 0
             if offset == expected:
                 return path
+            logger.info("downloading: release %s from byte %d of %d", notice.release_id, offset, expected,
+                        extra={"rollout_id": notice.rollout_id, "release_id": notice.release_id})
             try:
                 await self.download_from(notice.release_id, path, offset, expected)
             except grpc.aio.AioRpcError as error:

@@ -23,7 +23,6 @@ Every file is replaced atomically, so a crash leaves the old or the new content.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import enum
 import json
 import logging
@@ -54,6 +53,8 @@ REQUIRED_ARTIFACT_FILES = ("agent/__init__.py", "agent/__main__.py", "agentmanag
 MAX_EXTRACTED_BYTES = 512 * 1024 * 1024
 """Largest total size of an artifact's files once extracted, against archives that expand without bound."""
 MAX_ARCHIVE_MEMBERS = 20_000
+FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
+"""Free disk space, in bytes, that must remain after a download or an extraction, so the agent's log and journal still fit."""
 RECORD_RETENTION_SECONDS = 40 * 86400
 """Age after which a final rollout record is deleted; longer than the manager's largest agent timeout (7 days)."""
 
@@ -356,6 +357,7 @@ def extract_artifact(artifact: Path, destination: Path) -> None:
                 total += member.size
             if total > MAX_EXTRACTED_BYTES:
                 raise ArtifactError(f"the archive expands to {total} bytes, more than the {MAX_EXTRACTED_BYTES} allowed")
+            check_free_space(destination, total)
             names = {member.name.rstrip("/") for member in members if member.isfile()}
             missing = [name for name in REQUIRED_ARTIFACT_FILES if name not in names]
             if missing:
@@ -366,5 +368,11 @@ def extract_artifact(artifact: Path, destination: Path) -> None:
         raise ArtifactError(f"the artifact is not a readable .tar.gz archive ({error})") from error
 
 
-def utc_text(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
+def check_free_space(folder: Path, size_bytes: int) -> None:
+    """Raise ``ArtifactError`` unless ``size_bytes`` fit in ``folder``'s file system with ``FREE_SPACE_MARGIN_BYTES`` to spare."""
+    free = shutil.disk_usage(folder).free
+    if free < size_bytes + FREE_SPACE_MARGIN_BYTES:
+        raise ArtifactError(
+            f"not enough disk space in {folder}: {size_bytes} bytes needed plus a {FREE_SPACE_MARGIN_BYTES}-byte margin, "
+            f"{free} free; free some space, then start a new rollout"
+        )

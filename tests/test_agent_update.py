@@ -279,6 +279,27 @@ def test_offline_agent_updated_on_reconnect(stack, fleet) -> None:
     wait_until(lambda: offline.status()["running_version"] == version, timeout=30, what="the reconnected agent to run the update")
 
 
+def test_partial_download_resumed(stack, fleet) -> None:
+    version = "2.1.1"
+    artifact = build_release(fleet.root / "build", version)
+    stack.publish(artifact, version)
+    release = stack.release(version)
+    host = fleet.add_host(start=False)
+    # The first half of the artifact, as a download cut short by an outage leaves it.
+    store = VersionStore(host.state_dir)
+    store.prepare()
+    half = release.size_bytes // 2
+    store.download_path(str(release.id)).write_bytes(artifact.read_bytes()[:half])
+    host.start()
+    host.wait_connected()
+
+    rollout_id = fleet.start_rollout(version)
+    fleet.wait_member(rollout_id, host, AgentUpdateState.SUCCEEDED)
+
+    assert log_messages(host, "downloading:") == [f"downloading: release {release.id} from byte {half} of {release.size_bytes}"]
+    assert fleet.recorded_version(host) == version
+
+
 def test_version_that_cannot_start_rolls_back(stack, fleet) -> None:
     version = "2.2.0"
     stack.publish(build_release(fleet.root / "build", version, broken="raises"), version)
