@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label to report; repeatable")
     enroll.add_argument("--replace", action="store_true", help="overwrite an existing install and revoke this machine's old agent")
 
-    commands.add_parser("run", parents=[folders], help="keep the session with the manager open and run its commands (foreground)")
+    commands.add_parser("run", parents=[folders], help="keep the session with the manager open, run its commands and install its updates (foreground)")
 
     status = commands.add_parser("status", parents=[folders], help="show the install and the last connection state")
     status.add_argument("--output", choices=("text", "json"), default="text", help="output format (default: text)")
@@ -131,6 +131,8 @@ def run_agent(settings: AgentSettings, arguments: argparse.Namespace) -> int:
     except OSError as error:
         raise UsageError(f"failed to create the state folder {settings.state_dir} ({error}); pass --state-dir or run as root") from error
     if not is_launched():
+        # NOTE: the launcher and its child both append to agent.log. When one rotates the file, the
+        # other keeps writing to the rotated file until it restarts; the launcher logs only a few lines per start.
         with hold_run_lock(settings.state_dir):
             logger.info("starting: launcher of agentmgr-agent %s (state %s)", __version__, settings.state_dir)
             status = Launcher(settings=settings, store=VersionStore(settings.state_dir)).run()
