@@ -194,7 +194,7 @@ class Launcher:
 
     def accept(self, pending: PendingUpdate) -> None:
         """Keep the version on trial: clear the pending record and delete versions no longer needed."""
-        self.store.clear_pending()
+        self.store.clear_pending(pending.rollout_id)
         removed = self.store.prune_versions({pending.version, pending.previous_version or ""})
         logger.info(
             "updated: version %s is healthy; %s stays installed for the next rollback%s",
@@ -214,7 +214,7 @@ class Launcher:
             rollout_id=pending.rollout_id, release_id=pending.release_id, version=pending.version,
             state=UpdateState.ROLLED_BACK, reason=reason, agent_version="", report_pending=True,
         ))
-        self.store.clear_pending()
+        self.store.clear_pending(pending.rollout_id)
         logger.warning(
             "rolled back: to version %s (%s)", pending.previous_version or "installed", reason,
             extra={"rollout_id": pending.rollout_id, "release_id": pending.release_id},

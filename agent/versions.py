@@ -201,11 +201,15 @@ class VersionStore:
         return destination
 
     def prune_versions(self, keep: set[str]) -> list[str]:
-        """Delete installed versions other than ``keep`` and the selected one; return their names."""
-        keep = keep | {self.current_version() or ""}
+        """Delete installed versions other than ``keep``, the selected and the pending one; return their names.
+
+        Temporary folders (names starting with a dot) are skipped, because an extraction may be writing them.
+        """
+        pending = self.read_pending()
+        keep = keep | {self.current_version() or "", pending.version if pending else ""}
         removed = []
         for folder in sorted(self.versions.iterdir()) if self.versions.is_dir() else []:
-            if folder.name not in keep:
+            if folder.name not in keep and not folder.name.startswith("."):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
         return removed
@@ -238,7 +242,16 @@ class VersionStore:
         """
         write_atomically(self.root / PENDING_FILE, json.dumps(dataclasses.asdict(pending)).encode())
 
-    def clear_pending(self) -> None:
+    def clear_pending(self, rollout_id: str | None = None) -> None:
+        """Delete the pending record and the healthy mark; with ``rollout_id``, only if the record is of that rollout.
+
+        The check keeps the launcher from deleting the record of a newer
+        update that the agent wrote since the launcher read the old one.
+        """
+        if rollout_id is not None:
+            pending = self.read_pending()
+            if pending is not None and pending.rollout_id != rollout_id:
+                return
         remove_file(self.root / PENDING_FILE)
         remove_file(self.root / HEALTHY_FILE)
 

@@ -25,7 +25,7 @@ import redis
 
 import agent
 from agent.releases import generate_key_pair, load_private_key, manifest_for, parse_public_keys, sign_manifest
-from agent.versions import ArtifactError, VersionStore, extract_artifact
+from agent.versions import ArtifactError, PendingUpdate, VersionStore, extract_artifact
 from services.core.database import Database
 from services.core.fleet import agents, releases, rollouts
 from services.core.fleet.rollouts import AgentUpdateState, RolloutState
@@ -34,11 +34,12 @@ from tests.agent_support import GATEWAY_SETTINGS, AgentHost, GatewayProcess, cre
 from tests.support import PROJECT_ROOT, VENV_BIN, RedisServer, free_port, wait_until
 
 V1 = agent.__version__
-HEALTH_TIMEOUT_SECONDS = 60
+HEALTH_TIMEOUT_SECONDS = 120
 """The agents' trial time for a new version: below the rollouts' agent timeout, and long enough for a
-loaded test machine to start a new version. The broken release exits at once, so no test waits for it."""
-AGENT_TIMEOUT_SECONDS = 180
-ROLLOUT_WAIT_SECONDS = 240
+heavily loaded test machine to start a new version. A build that raises at import exits long before it,
+so no test waits for it to pass."""
+AGENT_TIMEOUT_SECONDS = 300
+ROLLOUT_WAIT_SECONDS = 300
 
 
 # Building and publishing releases.
@@ -473,3 +474,34 @@ def test_select_switches_and_restores(tmp_path) -> None:
     assert store.current_version() is None
     with pytest.raises(FileNotFoundError):
         store.select("3.0.0")
+
+
+def test_clear_pending_keeps_newer_record(tmp_path) -> None:
+    store = VersionStore(tmp_path)
+    store.prepare()
+    newer = PendingUpdate(rollout_id=str(uuid.uuid4()), release_id=str(uuid.uuid4()), version="3.0.0",
+                          previous_version="2.0.0", switched_at=0.0)
+    store.write_pending(newer)
+
+    store.clear_pending(str(uuid.uuid4()))
+    kept = store.read_pending()
+    store.clear_pending(newer.rollout_id)
+
+    assert kept == newer
+    assert store.read_pending() is None
+
+
+def test_prune_keeps_selected_pending_and_temporary(tmp_path) -> None:
+    store = VersionStore(tmp_path)
+    store.prepare()
+    for version in ("1.0.0", "2.0.0", "3.0.0", "4.0.0"):
+        store.install(make_archive(tmp_path / f"{version}.tar.gz", REQUIRED), version)
+    (store.versions / ".5.0.0.1234.tmp").mkdir()
+    store.select("2.0.0")
+    store.write_pending(PendingUpdate(rollout_id=str(uuid.uuid4()), release_id=str(uuid.uuid4()), version="3.0.0",
+                                      previous_version="2.0.0", switched_at=0.0))
+
+    removed = store.prune_versions({"1.0.0"})
+
+    assert removed == ["4.0.0"]
+    assert sorted(path.name for path in store.versions.iterdir()) == [".5.0.0.1234.tmp", "1.0.0", "2.0.0", "3.0.0"]
