@@ -71,6 +71,9 @@ class CommandRunner:
         self.started_count = 0
         """Commands that hold a slot and run now."""
         self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks_by_id: dict[str, asyncio.Task[None]] = {}
+        self.cancelled: set[str] = set()
+        """Ids an operator cancelled while they waited or ran in this process."""
         self.stopping = False
 
     def report_interrupted(self) -> None:
@@ -137,7 +140,24 @@ class CommandRunner:
             self.running.add(command_id)
             task = asyncio.create_task(self.run(command_id, request))
             self.tasks.add(task)
+            self.tasks_by_id[command_id] = task
             task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(lambda _: self.tasks_by_id.pop(command_id, None))
+
+    def cancel(self, command_id_text: str) -> None:
+        """Stop a command an operator cancelled: kill its process group, or never start it."""
+        try:
+            command_id = command_key(command_id_text)
+        except ValueError:
+            logger.warning("skipped: cancellation with invalid command id %r", command_id_text[:64])
+            return
+        task = self.tasks_by_id.get(command_id)
+        if task is None or task.done():
+            logger.info("skipped: cancellation of command %s (not running here)", command_id, extra={"command_id": command_id})
+            return
+        self.cancelled.add(command_id)
+        task.cancel()
+        logger.info("cancelling: command %s (by an operator)", command_id, extra={"command_id": command_id})
 
     async def run(self, command_id: str, request: agent_pb2.CommandRequest) -> None:
         """Run one accepted command in a slot, journal its result and send it."""
@@ -174,6 +194,13 @@ class CommandRunner:
                         max_output_bytes=self.max_output_bytes(),
                         kill_grace_seconds=self.kill_grace_seconds,
                     )
+                except asyncio.CancelledError:
+                    if command_id not in self.cancelled:
+                        raise
+                    # execute() killed the process group before it let the cancellation through.
+                    logger.info("cancelled: command %s (process group killed)", command_id)
+                    self.finish(agent_pb2.CommandResult(command_id=command_id, error="cancelled by an operator"))
+                    return
                 finally:
                     self.started_count -= 1
                 result = agent_pb2.CommandResult(
@@ -194,8 +221,13 @@ class CommandRunner:
                            "duration_seconds": round(execution.duration_seconds, 3)},
                 )
                 self.finish(result)
+        except asyncio.CancelledError:
+            if command_id not in self.cancelled:
+                raise
+            logger.info("cancelled: command %s before it started", command_id)
         finally:
             self.running.discard(command_id)
+            self.cancelled.discard(command_id)
 
     def finish(self, result: agent_pb2.CommandResult) -> None:
         """Keep ``result`` in the journal and send it if a session is open."""

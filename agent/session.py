@@ -405,6 +405,8 @@ class AgentRunner:
         kind = message.WhichOneof("body")
         if kind == "command_request":
             self.commands.accept(message.command_request)
+        elif kind == "cancel_command":
+            self.commands.cancel(message.cancel_command.command_id)
         elif kind == "result_stored":
             self.commands.confirm_result(message.result_stored.command_id)
         elif kind == "settings":

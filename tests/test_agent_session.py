@@ -24,7 +24,7 @@ from tests.agent_support import (
 )
 from tests.support import wait_until
 
-from agentmanager.v1 import common_pb2
+from agentmanager.v1 import common_pb2, panel_pb2
 
 
 def start_agent(gateway: GatewayProcess, host: AgentHost, database_url: str) -> str:
@@ -261,3 +261,21 @@ def test_reinstall_while_running_switches_agent(gateway: GatewayProcess, host: A
 
 def panel_token(panel: Panel) -> str:
     return dict(panel.metadata)["authorization"].removeprefix("Bearer ")
+
+
+def test_cancel_kills_running_command(gateway: GatewayProcess, host: AgentHost, panel: Panel, database_url: str, tmp_path: Path) -> None:
+    agent_id = start_agent(gateway, host, database_url)
+    pid_file = tmp_path / "child.pid"
+    command = panel.run_command(agent_id, f"sleep 300 & echo $! > {pid_file}; wait", timeout_seconds=600)
+    wait_until(lambda: state_name(panel.get_command(command.id)) == "COMMAND_STATE_RUNNING" and pid_file.exists(),
+               timeout=30, what="the command to run")
+
+    cancelled = panel.stub.CancelCommand(panel_pb2.CancelCommandRequest(command_id=command.id),
+                                         metadata=panel.metadata, timeout=10)
+
+    assert state_name(cancelled) == "COMMAND_STATE_CANCELLED"
+    child = int(pid_file.read_text())
+    wait_until(lambda: process_gone(child), timeout=20, what=f"the cancelled command's child {child} to be gone")
+    wait_until(lambda: any(r["message"].startswith("cancelled: command") for r in host.log_records()),
+               timeout=20, what="the agent to log the cancellation")
+    assert state_name(panel.get_command(command.id)) == "COMMAND_STATE_CANCELLED"

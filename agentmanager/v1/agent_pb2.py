@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61gentmanager/v1/agent.proto\x12\x0f\x61gentmanager.v1\x1a\x1c\x61gentmanager/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"g\n\x0fRegisterRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12)\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x1a.agentmanager.v1.HostFacts\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"\x88\x02\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tagent_key\x18\x02 \x01(\t\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .agentmanager.v1.SessionSettings\x12\r\n\x05group\x18\x04 \x01(\t\x12=\n\x06labels\x18\x05 \x03(\x0b\x32-.agentmanager.v1.RegisterResponse.LabelsEntry\x12\x1e\n\x16trusted_publisher_keys\x18\x06 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x02\n\x0c\x41gentMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.agentmanager.v1.HelloH\x00\x12/\n\theartbeat\x18\x02 \x01(\x0b\x32\x1a.agentmanager.v1.HeartbeatH\x00\x12\x32\n\x0b\x63ommand_ack\x18\x03 \x01(\x0b\x32\x1b.agentmanager.v1.CommandAckH\x00\x12\x38\n\x0e\x63ommand_result\x18\x04 \x01(\x0b\x32\x1e.agentmanager.v1.CommandResultH\x00\x12\x36\n\rupdate_status\x18\x05 \x01(\x0b\x32\x1d.agentmanager.v1.UpdateStatusH\x00\x42\x06\n\x04\x62ody\"\xf9\x01\n\rServerMessage\x12\x34\n\x08settings\x18\x01 \x01(\x0b\x32 .agentmanager.v1.SessionSettingsH\x00\x12:\n\x0f\x63ommand_request\x18\x02 \x01(\x0b\x32\x1f.agentmanager.v1.CommandRequestH\x00\x12\x36\n\rupdate_notice\x18\x03 \x01(\x0b\x32\x1d.agentmanager.v1.UpdateNoticeH\x00\x12\x36\n\rresult_stored\x18\x04 \x01(\x0b\x32\x1d.agentmanager.v1.ResultStoredH\x00\x42\x06\n\x04\x62ody\"\"\n\x0cResultStored\x12\x12\n\ncommand_id\x18\x01 \x01(\t\"I\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12)\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x1a.agentmanager.v1.HostFacts\"R\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10running_commands\x18\x02 \x01(\x05\"\x96\x01\n\x0e\x43ommandRequest\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ommand_line\x18\x02 \x01(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xec\x01\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x16\n\texit_code\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06stdout\x18\x03 \x01(\x0c\x12\x0e\n\x06stderr\x18\x04 \x01(\x0c\x12\x18\n\x10stdout_truncated\x18\x05 \x01(\x08\x12\x18\n\x10stderr_truncated\x18\x06 \x01(\x08\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\ttimed_out\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\tB\x0c\n\n_exit_code\"\x8a\x01\n\x0cUpdateStatus\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.agentmanager.v1.UpdateState\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xbe\x01\n\x0cUpdateNotice\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x10\n\x08manifest\x18\x06 \x01(\x0c\x12\x11\n\tsignature\x18\x07 \x01(\x0c\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\x17\x44ownloadArtifactRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03*\xb9\x01\n\x0bUpdateState\x12\x1c\n\x18UPDATE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18UPDATE_STATE_DOWNLOADING\x10\x01\x12\x1b\n\x17UPDATE_STATE_INSTALLING\x10\x02\x12\x1a\n\x16UPDATE_STATE_SUCCEEDED\x10\x03\x12\x17\n\x13UPDATE_STATE_FAILED\x10\x04\x12\x1c\n\x18UPDATE_STATE_ROLLED_BACK\x10\x05\x32\x8d\x02\n\x0c\x41gentService\x12O\n\x08Register\x12 .agentmanager.v1.RegisterRequest\x1a!.agentmanager.v1.RegisterResponse\x12L\n\x07Session\x12\x1d.agentmanager.v1.AgentMessage\x1a\x1e.agentmanager.v1.ServerMessage(\x01\x30\x01\x12^\n\x10\x44ownloadArtifact\x12(.agentmanager.v1.DownloadArtifactRequest\x1a\x1e.agentmanager.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61gentmanager/v1/agent.proto\x12\x0f\x61gentmanager.v1\x1a\x1c\x61gentmanager/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"g\n\x0fRegisterRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12)\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x1a.agentmanager.v1.HostFacts\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"\x88\x02\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tagent_key\x18\x02 \x01(\t\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .agentmanager.v1.SessionSettings\x12\r\n\x05group\x18\x04 \x01(\t\x12=\n\x06labels\x18\x05 \x03(\x0b\x32-.agentmanager.v1.RegisterResponse.LabelsEntry\x12\x1e\n\x16trusted_publisher_keys\x18\x06 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x02\n\x0c\x41gentMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.agentmanager.v1.HelloH\x00\x12/\n\theartbeat\x18\x02 \x01(\x0b\x32\x1a.agentmanager.v1.HeartbeatH\x00\x12\x32\n\x0b\x63ommand_ack\x18\x03 \x01(\x0b\x32\x1b.agentmanager.v1.CommandAckH\x00\x12\x38\n\x0e\x63ommand_result\x18\x04 \x01(\x0b\x32\x1e.agentmanager.v1.CommandResultH\x00\x12\x36\n\rupdate_status\x18\x05 \x01(\x0b\x32\x1d.agentmanager.v1.UpdateStatusH\x00\x42\x06\n\x04\x62ody\"\xb3\x02\n\rServerMessage\x12\x34\n\x08settings\x18\x01 \x01(\x0b\x32 .agentmanager.v1.SessionSettingsH\x00\x12:\n\x0f\x63ommand_request\x18\x02 \x01(\x0b\x32\x1f.agentmanager.v1.CommandRequestH\x00\x12\x36\n\rupdate_notice\x18\x03 \x01(\x0b\x32\x1d.agentmanager.v1.UpdateNoticeH\x00\x12\x36\n\rresult_stored\x18\x04 \x01(\x0b\x32\x1d.agentmanager.v1.ResultStoredH\x00\x12\x38\n\x0e\x63\x61ncel_command\x18\x05 \x01(\x0b\x32\x1e.agentmanager.v1.CancelCommandH\x00\x42\x06\n\x04\x62ody\"#\n\rCancelCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\"\"\n\x0cResultStored\x12\x12\n\ncommand_id\x18\x01 \x01(\t\"I\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12)\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x1a.agentmanager.v1.HostFacts\"R\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10running_commands\x18\x02 \x01(\x05\"\x96\x01\n\x0e\x43ommandRequest\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ommand_line\x18\x02 \x01(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xec\x01\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x16\n\texit_code\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06stdout\x18\x03 \x01(\x0c\x12\x0e\n\x06stderr\x18\x04 \x01(\x0c\x12\x18\n\x10stdout_truncated\x18\x05 \x01(\x08\x12\x18\n\x10stderr_truncated\x18\x06 \x01(\x08\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\ttimed_out\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\tB\x0c\n\n_exit_code\"\x8a\x01\n\x0cUpdateStatus\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.agentmanager.v1.UpdateState\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xbe\x01\n\x0cUpdateNotice\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x10\n\x08manifest\x18\x06 \x01(\x0c\x12\x11\n\tsignature\x18\x07 \x01(\x0c\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\x17\x44ownloadArtifactRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03*\xb9\x01\n\x0bUpdateState\x12\x1c\n\x18UPDATE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18UPDATE_STATE_DOWNLOADING\x10\x01\x12\x1b\n\x17UPDATE_STATE_INSTALLING\x10\x02\x12\x1a\n\x16UPDATE_STATE_SUCCEEDED\x10\x03\x12\x17\n\x13UPDATE_STATE_FAILED\x10\x04\x12\x1c\n\x18UPDATE_STATE_ROLLED_BACK\x10\x05\x32\x8d\x02\n\x0c\x41gentService\x12O\n\x08Register\x12 .agentmanager.v1.RegisterRequest\x1a!.agentmanager.v1.RegisterResponse\x12L\n\x07Session\x12\x1d.agentmanager.v1.AgentMessage\x1a\x1e.agentmanager.v1.ServerMessage(\x01\x30\x01\x12^\n\x10\x44ownloadArtifact\x12(.agentmanager.v1.DownloadArtifactRequest\x1a\x1e.agentmanager.v1.ArtifactChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERRESPONSE_LABELSENTRY']._loaded_options = None
   _globals['_REGISTERRESPONSE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_UPDATESTATE']._serialized_start=2182
-  _globals['_UPDATESTATE']._serialized_end=2367
+  _globals['_UPDATESTATE']._serialized_start=2277
+  _globals['_UPDATESTATE']._serialized_end=2462
   _globals['_REGISTERREQUEST']._serialized_start=143
   _globals['_REGISTERREQUEST']._serialized_end=246
   _globals['_REGISTERRESPONSE']._serialized_start=249
@@ -47,27 +47,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTMESSAGE']._serialized_start=516
   _globals['_AGENTMESSAGE']._serialized_end=794
   _globals['_SERVERMESSAGE']._serialized_start=797
-  _globals['_SERVERMESSAGE']._serialized_end=1046
-  _globals['_RESULTSTORED']._serialized_start=1048
-  _globals['_RESULTSTORED']._serialized_end=1082
-  _globals['_HELLO']._serialized_start=1084
-  _globals['_HELLO']._serialized_end=1157
-  _globals['_HEARTBEAT']._serialized_start=1159
-  _globals['_HEARTBEAT']._serialized_end=1241
-  _globals['_COMMANDREQUEST']._serialized_start=1244
-  _globals['_COMMANDREQUEST']._serialized_end=1394
-  _globals['_COMMANDACK']._serialized_start=1396
-  _globals['_COMMANDACK']._serialized_end=1476
-  _globals['_COMMANDRESULT']._serialized_start=1479
-  _globals['_COMMANDRESULT']._serialized_end=1715
-  _globals['_UPDATESTATUS']._serialized_start=1718
-  _globals['_UPDATESTATUS']._serialized_end=1856
-  _globals['_UPDATENOTICE']._serialized_start=1859
-  _globals['_UPDATENOTICE']._serialized_end=2049
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=2051
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=2112
-  _globals['_ARTIFACTCHUNK']._serialized_start=2114
-  _globals['_ARTIFACTCHUNK']._serialized_end=2179
-  _globals['_AGENTSERVICE']._serialized_start=2370
-  _globals['_AGENTSERVICE']._serialized_end=2639
+  _globals['_SERVERMESSAGE']._serialized_end=1104
+  _globals['_CANCELCOMMAND']._serialized_start=1106
+  _globals['_CANCELCOMMAND']._serialized_end=1141
+  _globals['_RESULTSTORED']._serialized_start=1143
+  _globals['_RESULTSTORED']._serialized_end=1177
+  _globals['_HELLO']._serialized_start=1179
+  _globals['_HELLO']._serialized_end=1252
+  _globals['_HEARTBEAT']._serialized_start=1254
+  _globals['_HEARTBEAT']._serialized_end=1336
+  _globals['_COMMANDREQUEST']._serialized_start=1339
+  _globals['_COMMANDREQUEST']._serialized_end=1489
+  _globals['_COMMANDACK']._serialized_start=1491
+  _globals['_COMMANDACK']._serialized_end=1571
+  _globals['_COMMANDRESULT']._serialized_start=1574
+  _globals['_COMMANDRESULT']._serialized_end=1810
+  _globals['_UPDATESTATUS']._serialized_start=1813
+  _globals['_UPDATESTATUS']._serialized_end=1951
+  _globals['_UPDATENOTICE']._serialized_start=1954
+  _globals['_UPDATENOTICE']._serialized_end=2144
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=2146
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=2207
+  _globals['_ARTIFACTCHUNK']._serialized_start=2209
+  _globals['_ARTIFACTCHUNK']._serialized_end=2274
+  _globals['_AGENTSERVICE']._serialized_start=2465
+  _globals['_AGENTSERVICE']._serialized_end=2734
 # @@protoc_insertion_point(module_scope)

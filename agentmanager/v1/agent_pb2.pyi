@@ -75,16 +75,24 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., update_status: _Optional[_Union[UpdateStatus, _Mapping]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("settings", "command_request", "update_notice", "result_stored")
+    __slots__ = ("settings", "command_request", "update_notice", "result_stored", "cancel_command")
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     COMMAND_REQUEST_FIELD_NUMBER: _ClassVar[int]
     UPDATE_NOTICE_FIELD_NUMBER: _ClassVar[int]
     RESULT_STORED_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_COMMAND_FIELD_NUMBER: _ClassVar[int]
     settings: _common_pb2.SessionSettings
     command_request: CommandRequest
     update_notice: UpdateNotice
     result_stored: ResultStored
-    def __init__(self, settings: _Optional[_Union[_common_pb2.SessionSettings, _Mapping]] = ..., command_request: _Optional[_Union[CommandRequest, _Mapping]] = ..., update_notice: _Optional[_Union[UpdateNotice, _Mapping]] = ..., result_stored: _Optional[_Union[ResultStored, _Mapping]] = ...) -> None: ...
+    cancel_command: CancelCommand
+    def __init__(self, settings: _Optional[_Union[_common_pb2.SessionSettings, _Mapping]] = ..., command_request: _Optional[_Union[CommandRequest, _Mapping]] = ..., update_notice: _Optional[_Union[UpdateNotice, _Mapping]] = ..., result_stored: _Optional[_Union[ResultStored, _Mapping]] = ..., cancel_command: _Optional[_Union[CancelCommand, _Mapping]] = ...) -> None: ...
+
+class CancelCommand(_message.Message):
+    __slots__ = ("command_id",)
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    def __init__(self, command_id: _Optional[str] = ...) -> None: ...
 
 class ResultStored(_message.Message):
     __slots__ = ("command_id",)

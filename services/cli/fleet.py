@@ -175,6 +175,8 @@ def command_cancel(context: Context, arguments: argparse.Namespace) -> int:
         return 0
     with context.transaction() as connection:
         command = commands.cancel_command(connection, arguments.command_id, actor=context.actor)
+    client = connect_redis(context.settings.redis_url)
+    routing.publish_to_agent(client, command.agent_id, {"kind": "cancel_command", "command_id": str(command.id)})
     print_record(command_record(command), context.output)
     return 0
 

@@ -261,5 +261,6 @@ class PanelServicer(panel_pb2_grpc.PanelServiceServicer):
         command_id = parse_id(request.command_id, "command_id")
         with bind_context(command_id=str(command_id)):
             command = await self.runtime.db(commands.cancel_command, command_id, actor=caller.actor)
+            await self.router.publish_cancel(command)
             logger.info("cancelled: command %s", command_id, extra={"actor": caller.actor})
             return convert.command_to_proto(command)

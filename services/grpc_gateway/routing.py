@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import redis.exceptions
 
+from agentmanager.v1 import agent_pb2
 from services.core.fleet import agents, commands, rollouts
 from services.core.fleet.models import UNSTARTED_STATES, Command, utc_now
 from services.core.logs import bind_context
@@ -130,6 +131,22 @@ class Router:
                 "failed: routing command %s (%s; it is sent when the agent reconnects)", command.id, error,
                 extra={"error_type": type(error).__name__},
             )
+
+    async def publish_cancel(self, command: Command) -> None:
+        """Tell the gateway that has the agent's stream open to stop ``command`` on the agent.
+
+        Best effort: when no gateway has the stream or Redis fails, a command that
+        is running goes on until its timeout, and its result is ignored.
+        """
+        try:
+            holder = await self.runtime.redis.get(session_key(command.agent_id))
+            if holder is None:
+                return
+            message = {"kind": "cancel_command", "agent_id": str(command.agent_id), "command_id": str(command.id)}
+            await self.runtime.redis.publish(gateway_channel(holder.decode()), json.dumps(message))
+        except redis.exceptions.RedisError as error:
+            logger.warning("failed: routing the cancellation of command %s (%s)", command.id, error,
+                           extra={"error_type": type(error).__name__})
 
     async def publish_revocation(self, agent_id: uuid.UUID) -> None:
         """Drop the agent's cached key here and tell every gateway to close its stream.
@@ -307,6 +324,8 @@ class Router:
                 self.waiters.notify(uuid.UUID(payload["command_id"]))
             elif payload.get("kind") == "command":
                 self.on_command(uuid.UUID(payload["agent_id"]), uuid.UUID(payload["command_id"]))
+            elif payload.get("kind") == "cancel_command":
+                self.on_cancel(uuid.UUID(payload["agent_id"]), uuid.UUID(payload["command_id"]))
             elif payload.get("kind") == "update_notice":
                 agent_id = uuid.UUID(payload["agent_id"])
                 self.on_update_notice(agent_id, uuid.UUID(payload["rollout_id"]))
@@ -347,6 +366,13 @@ class Router:
             # The agent left, so the command is sent from PostgreSQL when it reconnects.
             return
         self._spawn(self._deliver_logged(session, command_id), agent_id=str(agent_id), command_id=str(command_id))
+
+    def on_cancel(self, agent_id: uuid.UUID, command_id: uuid.UUID) -> None:
+        session = self.sessions.get(agent_id)
+        if session is None:
+            return
+        session.send(agent_pb2.ServerMessage(cancel_command=agent_pb2.CancelCommand(command_id=str(command_id))))
+        logger.info("sent: cancellation of command %s", command_id, extra={"command_id": str(command_id)})
 
     def on_update_notice(self, agent_id: uuid.UUID, rollout_id: uuid.UUID) -> None:
         session = self.sessions.get(agent_id)

@@ -255,10 +255,8 @@ def cancel_command(conn: psycopg2.extensions.connection, command_id: uuid.UUID, 
     """Cancel a pending command and return it.
 
     A command that is already running on the agent is marked cancelled too,
-    and its later result is ignored.
-
-    NOTE: the agent is not told, because the protocol has no stop message yet,
-    so a running command goes on until it exits or reaches its timeout.
+    and its later result is ignored. The caller routes a ``cancel_command``
+    message to the agent's gateway, which stops the process on the host.
 
     Raises:
         NotFound: no such command.
