@@ -40,6 +40,7 @@ heavily loaded test machine to start a new version. A build that raises at impor
 so no test waits for it to pass."""
 AGENT_TIMEOUT_SECONDS = 300
 ROLLOUT_WAIT_SECONDS = 300
+CONNECT_WAIT_SECONDS = 120
 
 
 # Building and publishing releases.
@@ -93,7 +94,7 @@ class UpdateStack:
             [sys.executable, "-m", "services.updater"], env={**os.environ, **self.env}, cwd=PROJECT_ROOT,
             stdout=subprocess.DEVNULL, stderr=open(self.updater_log, "wb"),
         )
-        wait_until(lambda: b"listening: queue updates" in self.updater_log.read_bytes(), timeout=60, what="the updater to listen")
+        wait_until(lambda: b"listening: queue updates" in self.updater_log.read_bytes(), timeout=180, what="the updater to listen")
         self.database = Database(env["AGENTMGR_DATABASE_URL"], max_connections=1, application_name="agentmgr-test")
 
     def publish(self, artifact: Path, version: str) -> None:
@@ -137,7 +138,7 @@ class Fleet:
         assert installed.returncode == 0, installed.stderr
         if start:
             host.start()
-            host.wait_connected()
+            host.wait_connected(timeout=CONNECT_WAIT_SECONDS)
         return host
 
     def start_rollout(self, version: str, *, waves: str = "100", failure_threshold: str = "0") -> uuid.UUID:
@@ -241,7 +242,7 @@ def test_rollout_updates_agents_in_two_waves(stack, fleet) -> None:
     rollout = fleet.wait_rollout(rollout_id, RolloutState.COMPLETED)
     for host in hosts:
         wait_until(lambda: host.status()["running_version"] == version and host.connection_state() == "connected",
-                   timeout=30, what=f"the agent in {host.root} to run {version}")
+                   timeout=CONNECT_WAIT_SECONDS, what=f"the agent in {host.root} to run {version}")
 
     members = fleet.members(rollout_id)
     assert rollout.state_reason == "4 of 4 agents updated"
@@ -277,7 +278,7 @@ def test_offline_agent_updated_on_reconnect(stack, fleet) -> None:
     assert still_running.state == RolloutState.RUNNING
     assert rollout.state_reason == "2 of 2 agents updated"
     assert fleet.recorded_version(offline) == version
-    wait_until(lambda: offline.status()["running_version"] == version, timeout=30, what="the reconnected agent to run the update")
+    wait_until(lambda: offline.status()["running_version"] == version, timeout=CONNECT_WAIT_SECONDS, what="the reconnected agent to run the update")
 
 
 def test_partial_download_resumed(stack, fleet) -> None:
@@ -292,7 +293,7 @@ def test_partial_download_resumed(stack, fleet) -> None:
     half = release.size_bytes // 2
     store.download_path(str(release.id)).write_bytes(artifact.read_bytes()[:half])
     host.start()
-    host.wait_connected()
+    host.wait_connected(timeout=CONNECT_WAIT_SECONDS)
 
     rollout_id = fleet.start_rollout(version)
     fleet.wait_member(rollout_id, host, AgentUpdateState.SUCCEEDED)
@@ -317,7 +318,7 @@ def test_version_that_cannot_start_rolls_back(stack, fleet) -> None:
     assert len(untouched) == 1
     host = rolled_back[0]
     assert f"version {version} exited with status 1 before it opened a session" in members[host.agent_id].error
-    host.wait_connected()
+    host.wait_connected(timeout=CONNECT_WAIT_SECONDS)
     status = host.status()
     assert status["running_version"] == V1
     assert status["selected_version"] == "installed"
@@ -339,7 +340,7 @@ def test_version_without_session_rolls_back(stack, fleet) -> None:
     assert member.state == AgentUpdateState.ROLLED_BACK
     assert f"version {version} opened no session within 3s" in member.error
     assert "failure threshold reached" in rollout.state_reason
-    host.wait_connected()
+    host.wait_connected(timeout=CONNECT_WAIT_SECONDS)
     assert host.status()["running_version"] == V1
     assert host.status()["selected_version"] == "installed"
 
@@ -390,7 +391,7 @@ def test_agent_without_pinned_keys_rejects_updates(stack, fleet) -> None:
     host = fleet.add_host(start=False)
     (host.config_dir / "trusted_publishers.pub").write_text("")
     host.start()
-    host.wait_connected()
+    host.wait_connected(timeout=CONNECT_WAIT_SECONDS)
 
     rollout_id = fleet.start_rollout(version)
     member = fleet.wait_member(rollout_id, host, AgentUpdateState.FAILED)
