@@ -114,9 +114,14 @@ def run_install(settings: AgentSettings, arguments: argparse.Namespace) -> int:
     with bind_context(manager=request.manager):
         config = install(request, config_dir=settings.config_dir, machine_id=settings.machine_id)
     print(config.agent_id)
+    folders = "".join(
+        f" --{name}-dir {getattr(arguments, name + '_dir')}"
+        for name in ("config", "state", "log")
+        if getattr(arguments, name + "_dir", None)
+    )
     print(
         f"installed: agent {config.agent_id} of manager {config.manager}, config in {settings.config_dir}. "
-        "Start it with `systemctl enable --now agentmgr-agent` or `agentmgr-agent run`.",
+        f"Start it with `systemctl enable --now agentmgr-agent` or `agentmgr-agent run{folders}`.",
         file=sys.stderr,
     )
     return int(ExitCode.OK)

@@ -96,12 +96,12 @@ def pin_ca_by_fingerprint(host: str, port: int, fingerprint: str) -> bytes:
         certificate = x509.load_der_x509_certificate(der)
         check_is_ca(certificate, f"the certificate with fingerprint {fingerprint}")
         return certificate.public_bytes(serialization.Encoding.PEM)
-    presented = ", ".join(fingerprint_of_der(der) for der in chain) or "none"
+    # The presented fingerprints are not shown: copying one from here would defeat the pin.
     raise CAMismatchError(
-        f"the manager at {host}:{port} presents no CA certificate with fingerprint {fingerprint} "
-        f"(it presents: {presented}); nothing was written. Check the fingerprint printed by "
-        "`agentmgr token create`; if the manager does not send its CA, pass --ca-file with a copy "
-        "of the manager's ca.pem instead"
+        f"the manager at {host}:{port} presents no CA certificate with fingerprint {fingerprint}; "
+        "nothing was written. This is either a wrong fingerprint or another server at that address: "
+        "copy the fingerprint from `agentmgr token create` on the manager, or pass --ca-file with a "
+        "copy of the manager's ca.pem"
     )
 
 

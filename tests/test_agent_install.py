@@ -60,6 +60,8 @@ def test_install_wrong_fingerprint_writes_nothing(gateway: GatewayProcess, host:
     assert finished.returncode == 5, finished.stderr
     assert WRONG_FINGERPRINT in finished.stderr
     assert "nothing was written" in finished.stderr
+    # The real fingerprint is not offered for copying, which would defeat the pin.
+    assert gateway.ca_fingerprint not in finished.stderr
     assert not host.config_dir.exists()
     assert count_agents(database_url) == 0
 
@@ -72,6 +74,7 @@ def test_install_registers_and_stores_credentials(gateway: GatewayProcess, host:
     assert finished.returncode == 0, finished.stderr
     agent_id = finished.stdout.strip()
     assert agent_id == host.agent_id
+    assert f"agentmgr-agent run --config-dir {host.config_dir}" in finished.stderr
     assert mode_of(host.config_dir) == 0o700
     assert mode_of(host.config_dir / "agent.key") == 0o600
     assert mode_of(host.config_dir / "config.json") == 0o600
