@@ -115,15 +115,20 @@ async def load(plan: LoadPlan) -> tuple[int, float]:
     return echoed, plan.seconds - WARM_UP_SECONDS
 
 
-def heartbeats_counted(metrics_addresses: list[str]) -> float:
-    """Sum ``agentmgr_heartbeats_total`` over the gateways' Prometheus endpoints."""
+def metric_sum(metrics_addresses: list[str], name: str) -> float:
+    """Sum the unlabelled metric ``name`` over the gateways' Prometheus endpoints."""
     total = 0.0
     for address in metrics_addresses:
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
             for line in response.read().decode().splitlines():
-                if line.startswith("agentmgr_heartbeats_total "):
+                if line.startswith(f"{name} "):
                     total += float(line.split()[1])
     return total
+
+
+def heartbeats_counted(metrics_addresses: list[str]) -> float:
+    """Sum ``agentmgr_heartbeats_total`` over the gateways."""
+    return metric_sum(metrics_addresses, "agentmgr_heartbeats_total")
 
 
 def drive(plans: list[LoadPlan]) -> tuple[list[multiprocessing.process.BaseProcess], multiprocessing.Queue]:

@@ -3,9 +3,10 @@
 Each simulated agent owns one grpc.aio channel with a local subchannel pool, so
 it opens its own TCP connection, as a fleet of real hosts would. It registers
 with an enrollment token, opens the Session over TLS (pinning the gateway's CA),
-sends Hello, heartbeats at the announced interval, answers CommandRequest with
-CommandAck and CommandResult from an in-process executor, and answers
-UpdateNotice by downloading the artifact and reconnecting with the new version.
+sends Hello, and heartbeats at the announced interval. It replies to
+CommandRequest with CommandAck and CommandResult from an in-process executor,
+and to UpdateNotice by downloading the artifact and reconnecting with the new
+version.
 
 ``Fleet`` runs in the benchmark's process and drives ``worker_main`` in child
 processes (multiprocessing, spawn start method) over pipes. Each child keeps at
@@ -334,7 +335,7 @@ class Worker:
 async def serve_requests(connection: multiprocessing.connection.Connection, worker: Worker) -> None:
     loop = asyncio.get_running_loop()
     while True:
-        operation, arguments = await loop.run_in_executor(None, connection.recv)
+        sequence, operation, arguments = await loop.run_in_executor(None, connection.recv)
         if operation == "register":
             reply: Any = await worker.register(**arguments)
         elif operation == "connect":
@@ -343,11 +344,11 @@ async def serve_requests(connection: multiprocessing.connection.Connection, work
             reply = worker.status()
         elif operation == "stop":
             await worker.stop()
-            connection.send(worker.status())
+            connection.send((sequence, worker.status()))
             return
         else:
             reply = ValueError(f"unknown worker request {operation!r}")
-        connection.send(reply)
+        connection.send((sequence, reply))
 
 
 def worker_main(connection: multiprocessing.connection.Connection, address: str, ca_certificate: bytes) -> None:
@@ -369,6 +370,7 @@ class Fleet:
         self.context = multiprocessing.get_context("spawn")
         self.workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
         self.loads: list[int] = []
+        self.sequence = 0
 
     @property
     def pids(self) -> list[int]:
@@ -386,15 +388,27 @@ class Fleet:
             self.loads.append(0)
 
     def request_all(self, requests: list[tuple[int, str, dict[str, Any]]]) -> list[Any]:
-        """Send each (worker index, operation, arguments) and return the replies in the same order."""
+        """Send each (worker index, operation, arguments) and return the replies in the same order.
+
+        Each request carries a sequence number, so a reply that arrives after its
+        request timed out is dropped instead of being taken for the next reply.
+
+        Raises:
+            TimeoutError: a worker sent no reply within WORKER_REPLY_TIMEOUT_SECONDS.
+        """
+        self.sequence += 1
         for index, operation, arguments in requests:
-            self.workers[index][1].send((operation, arguments))
+            self.workers[index][1].send((self.sequence, operation, arguments))
         replies = []
         for index, operation, _ in requests:
             connection = self.workers[index][1]
-            if not connection.poll(WORKER_REPLY_TIMEOUT_SECONDS):
-                raise TimeoutError(f"worker {index} sent no reply to {operation} within {WORKER_REPLY_TIMEOUT_SECONDS}s")
-            reply = connection.recv()
+            deadline = time.monotonic() + WORKER_REPLY_TIMEOUT_SECONDS
+            while True:
+                if not connection.poll(max(deadline - time.monotonic(), 0)):
+                    raise TimeoutError(f"worker {index} sent no reply to {operation} within {WORKER_REPLY_TIMEOUT_SECONDS}s")
+                sequence, reply = connection.recv()
+                if sequence == self.sequence:
+                    break
             if isinstance(reply, Exception):
                 raise reply
             replies.append(reply)
@@ -497,7 +511,7 @@ def merge_status(replies: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def established_connections(pid: int, remote_port: int) -> int:
-    """Count the established TCP connections that process ``pid`` holds to ``remote_port``.
+    """Count the established TCP connections that process ``pid`` has open to ``remote_port``.
 
     Matches the socket inodes in /proc/PID/fd against /proc/net/tcp and tcp6,
     so it counts only this process's sockets (Linux only).

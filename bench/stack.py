@@ -102,13 +102,23 @@ class BenchStack:
         self.database: Database | None = None
         self.redis: redis.Redis | None = None
         self.env: dict[str, str] = {}
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = ""
 
     def start(self) -> BenchStack:
+        """Start every server and gateway; on a failure, stop what was started and raise."""
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> BenchStack:
         self.postgres.start()
         self.redis_server.start()
         home = self.root / "home"
         home.mkdir()
+        # Picked after PostgreSQL and Redis took their ports, so that neither can take this one.
+        self.address = f"127.0.0.1:{free_port()}"
         self.env = {
             **{name: "" for name in os.environ if name.startswith("AGENTMGR_")},
             "AGENTMGR_HOME": str(home),
