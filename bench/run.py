@@ -1,6 +1,6 @@
 """Run a set of benchmarks against the real manager and write each scenario's section.
 
-Usage: .venv/bin/python -m bench.run [--set standard|quick] [--write docs/benchmarks.md]
+Usage: .venv/bin/python -m bench.run [--set standard|quick] [--only NAME,...] [--write docs/benchmarks.md]
 
 The standard set (`make bench`) connects up to 10,000 simulated agents to two
 gateway processes; the quick set (`make bench-quick`) uses 500 agents and one
@@ -24,6 +24,7 @@ from bench.stack import BenchStack
 from tests.support import PROJECT_ROOT
 
 MIB = 1024 * 1024
+SCENARIOS = ("ingest", "enrollment", "capacity", "commands", "reconnect", "rollout", "boot")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,33 +71,49 @@ def publish(text: str, write: Path | None) -> None:
         replace_section(write, name, text)
 
 
-def run_set(plan: BenchmarkSet, command: str, write: Path | None) -> None:
+def run_set(plan: BenchmarkSet, command: str, write: Path | None, only: frozenset[str]) -> None:
+    """Run the scenarios named in ``only`` and publish their sections.
+
+    Enrollment and the capacity steps also run, without publishing, when a later
+    scenario needs the agents they enroll and connect.
+    """
     stack = BenchStack(gateway_count=plan.gateways).start()
     fleet = Fleet(stack.address, stack.ca_certificate)
     context = scenarios.Context(stack, fleet, command)
+    needs_fleet = bool(only & {"enrollment", "capacity", "commands", "reconnect"})
     try:
-        publish(scenarios.heartbeat_ingest(
-            context, streams=plan.ingest_streams, clients=plan.ingest_clients, seconds=plan.ingest_seconds), write)
-        publish(scenarios.enrollment(context, max(plan.capacity_steps)), write)
+        if "ingest" in only:
+            publish(scenarios.heartbeat_ingest(
+                context, streams=plan.ingest_streams, clients=plan.ingest_clients, seconds=plan.ingest_seconds), write)
 
-        load_before = load_line()
-        scenarios.measure_idle(context, window_seconds=3)
-        steps, trips, fan_outs = [], [], []
-        for agents in plan.capacity_steps:
-            steps.append(scenarios.grow_fleet(context, agents, plan.capacity_window_seconds))
-            logging.info("capacity step: %d agents online", agents)
-            if agents in plan.round_trip_at:
-                trips.append((agents, scenarios.round_trips(context, plan.round_trips)))
-            if agents in plan.fan_out_at:
-                fan_outs.append(scenarios.fan_out(context))
-        publish(scenarios.capacity_section(context, steps, plan.capacity_window_seconds, load_before), write)
-        publish(scenarios.round_trip_section(context, trips, fan_outs, load_before), write)
+        if needs_fleet or "rollout" in only:
+            section = scenarios.enrollment(context, max(plan.capacity_steps) if needs_fleet else plan.rollout_agents)
+            if "enrollment" in only:
+                publish(section, write)
 
-        publish(scenarios.reconnect_storm(context), write)
+        if needs_fleet:
+            load_before = load_line()
+            scenarios.measure_idle(context, window_seconds=3)
+            steps, trips, fan_outs = [], [], []
+            for agents in plan.capacity_steps:
+                steps.append(scenarios.grow_fleet(context, agents, plan.capacity_window_seconds))
+                logging.info("capacity step: %d agents online", agents)
+                if "commands" in only and agents in plan.round_trip_at:
+                    trips.append((agents, scenarios.round_trips(context, plan.round_trips)))
+                if "commands" in only and agents in plan.fan_out_at:
+                    fan_outs.append(scenarios.fan_out(context))
+            if "capacity" in only:
+                publish(scenarios.capacity_section(context, steps, plan.capacity_window_seconds, load_before), write)
+            if "commands" in only:
+                publish(scenarios.round_trip_section(context, trips, fan_outs, load_before), write)
 
-        fleet.stop()
-        publish(scenarios.rollout(
-            context, plan.rollout_agents, size_bytes=plan.rollout_bytes, max_parallel=plan.rollout_parallel), write)
+        if "reconnect" in only:
+            publish(scenarios.reconnect_storm(context), write)
+
+        if "rollout" in only:
+            fleet.stop()
+            publish(scenarios.rollout(
+                context, plan.rollout_agents, size_bytes=plan.rollout_bytes, max_parallel=plan.rollout_parallel), write)
     finally:
         fleet.stop()
         stack.close()
@@ -106,14 +123,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", choices=sorted(SETS), default="standard", help="which sizes to run (default standard)")
     parser.add_argument("--write", type=Path, help="Markdown file whose sections are replaced (default: print only)")
+    parser.add_argument(
+        "--only", default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios to run, from {', '.join(SCENARIOS)} (default: all)")
     arguments = parser.parse_args()
+    only = frozenset(name.strip() for name in arguments.only.split(",") if name.strip())
+    if unknown := only - set(SCENARIOS):
+        parser.error(f"invalid --only scenario(s) {', '.join(sorted(unknown))}: expected names from {', '.join(SCENARIOS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
     plan = SETS[arguments.set]
-    command = f".venv/bin/python -m bench.run --set {arguments.set}" + (f" --write {arguments.write}" if arguments.write else "")
+    command = f".venv/bin/python -m bench.run --set {arguments.set}"
+    if only != set(SCENARIOS):
+        command += f" --only {','.join(sorted(only))}"
+    if arguments.write:
+        command += f" --write {arguments.write}"
     started = time.monotonic()
-    run_set(plan, command, arguments.write)
-    if plan.boot_runs:
+    run_set(plan, command, arguments.write, only)
+    if plan.boot_runs and "boot" in only:
         boot = [sys.executable, "-m", "bench.boot", "--runs", str(plan.boot_runs)]
         if arguments.write:
             boot += ["--write", str(arguments.write)]
