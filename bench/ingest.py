@@ -51,7 +51,7 @@ def run_echo_server(address: str, key_file: str, cert_file: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LoadPlan:
-    """What one client process sends: to which server, on how many streams, for how long."""
+    """Load of one client process: the server it targets, its streams and the duration."""
 
     address: str
     ca_certificate: bytes

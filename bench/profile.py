@@ -71,9 +71,9 @@ def main() -> int:
         print(f"{total} samples of gateway pid {stack.gateway_pids[0]}; inclusive share of the top functions:")
         for frame, count in shares.most_common(arguments.top):
             print(f"{100 * count / total:5.1f}%  {frame}")
-        kept = Path(os.environ.get("TMPDIR", "/tmp")) / "agentmgr-gateway-profile.txt"
-        shutil.copy(output, kept)
-        print(f"raw py-spy output: {kept}")
+        saved_copy = Path(os.environ.get("TMPDIR", "/tmp")) / "agentmgr-gateway-profile.txt"
+        shutil.copy(output, saved_copy)
+        print(f"raw py-spy output: {saved_copy}")
     finally:
         fleet.stop()
         stack.close()
