@@ -20,7 +20,6 @@ import collections
 import dataclasses
 import hashlib
 import logging
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -489,10 +488,6 @@ def split(total: int, parts: int) -> list[int]:
     """Split ``total`` into ``parts`` shares that differ by at most one."""
     base, extra = divmod(total, parts)
     return [base + (1 if index < extra else 0) for index in range(parts)]
-
-
-def workers_for(agents: int, agents_per_worker: int = AGENTS_PER_WORKER) -> int:
-    return max(1, math.ceil(agents / agents_per_worker))
 
 
 def merge_status(replies: list[dict[str, Any]]) -> dict[str, Any]:
