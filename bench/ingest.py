@@ -75,7 +75,6 @@ async def load(plan: LoadPlan) -> tuple[int, float]:
     stop_at = time.monotonic() + plan.seconds
 
     async def stream(agent: Credentials) -> None:
-        nonlocal echoed
         async with grpc.aio.secure_channel(plan.address, credentials, options=channel_options()) as channel:
             if plan.target == "gateway":
                 metadata = (("x-agent-id", agent.agent_id), ("x-agent-key", agent.agent_key))

@@ -17,7 +17,6 @@ import statistics
 import threading
 import time
 import uuid
-from typing import Any
 
 import redis
 
