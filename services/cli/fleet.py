@@ -21,6 +21,13 @@ COMMAND_COLUMNS = ("id", "agent_id", "state", "exit_code", "command_line", "requ
 WAIT_POLL_SECONDS = 0.2
 
 
+def agent_fields(agent: agents.Agent) -> dict:
+    """Return the agent's fields that both the local and the --server output carry."""
+    record = vars_of(agent)
+    record.pop("replaced_by")
+    return record
+
+
 def agent_records(context: Context, items: list) -> list[dict]:
     """Return agents as records with their derived status, using Redis for fresh heartbeats."""
     client = connect_redis(context.settings.redis_url)
@@ -30,8 +37,7 @@ def agent_records(context: Context, items: list) -> list[dict]:
     now = utc_now()
     records = []
     for agent in items:
-        record = vars_of(agent)
-        record.pop("replaced_by")
+        record = agent_fields(agent)
         record["status"] = agents.derive_status(agent, now=now, thresholds=thresholds, live_seen_at=live.get(agent.id))
         if live.get(agent.id) and (agent.last_seen_at is None or live[agent.id] > agent.last_seen_at):
             record["last_seen_at"] = live[agent.id]
@@ -87,7 +93,7 @@ def agents_delete(context: Context, arguments: argparse.Namespace) -> int:
         agent, cancelled = agents.revoke_agent(connection, arguments.agent_id, actor=context.actor, reason=arguments.reason)
     client = connect_redis(context.settings.redis_url)
     routing.publish_revocation(client, agent.id)
-    record = {key: value for key, value in vars_of(agent).items() if key != "replaced_by"}
+    record = agent_fields(agent)
     print_record({**record, "status": AgentStatus.REVOKED, "cancelled_command_ids": cancelled}, context.output)
     return 0
 
