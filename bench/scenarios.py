@@ -29,7 +29,7 @@ from services.core import routing
 from services.core.fleet import commands, releases, rollouts
 from services.core.fleet.rollouts import RolloutState, Selection
 from services.core.settings import Settings
-from services.grpc_gateway.keys import COMMAND_FINISHED_CHANNEL
+from services.core.keys import COMMAND_FINISHED_CHANNEL
 from tests.support import free_port
 
 ONLINE_TIMEOUT_SECONDS = 600

@@ -27,7 +27,7 @@ from agentmanager.v1 import panel_pb2, panel_pb2_grpc
 from services.core.database import Database
 from services.core.fleet import apitokens, enrollment
 from services.core.fleet.models import ApiRole
-from services.grpc_gateway.keys import LAST_SEEN_KEY
+from services.core.keys import LAST_SEEN_KEY
 from tests.support import PROJECT_ROOT, VENV_BIN, json_lines, run_program, wait_until
 
 AGENT_SCRIPT = VENV_BIN / "agentmgr-agent"

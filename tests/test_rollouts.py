@@ -279,7 +279,7 @@ def test_worker_killed_mid_rollout_resumes(service_env, tmp_path):
     import redis as redis_module
 
     from services.core.database import Database
-    from services.grpc_gateway.keys import gateway_channel, session_key
+    from services.core.keys import gateway_channel, session_key
     from tests.support import run_program, start_updater, stop_process, wait_until
 
     assert run_program("services.migrate", service_env).returncode == 0

@@ -210,7 +210,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     run = group.add_parser("run", help="queue a command; with --wait, print its result")
     run.add_argument("agent_id", type=identifier)
     run.add_argument("command_line", help="run by the agent with /bin/sh -c")
-    run.add_argument("--timeout", type=duration_seconds, default=60, help="longest run time, such as 30s or 5m (default 60s)")
+    run.add_argument("--timeout", type=duration_seconds, default=60, help="maximum run time, such as 30s or 5m (default 60s)")
     run.add_argument("--expires-in", type=duration_seconds, help="drop the command if not started by then (default: AGENTMGR_COMMAND_EXPIRES_SECONDS)")
     run.add_argument("--reason", default="", help="why, for the audit log")
     run.add_argument("--wait", type=float, default=0, help="seconds to wait for the result (capped by AGENTMGR_COMMAND_WAIT_MAX_SECONDS)")

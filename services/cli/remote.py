@@ -21,7 +21,7 @@ from services.core.errors import AgentManagerError, ExitCode, InvalidArgument, R
 
 CALL_TIMEOUT_SECONDS = 30.0
 
-# Codes that mean the gateway judged the request; any other code means it could not answer.
+# Codes with which the gateway rejected the request itself. Any other code means the call failed.
 REQUEST_CODES = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -30,7 +30,7 @@ REQUEST_CODES = frozenset({
 
 
 class RemoteRequestError(RequestError):
-    """The gateway rejected a request; ``grpc_code_name`` is the status it answered with."""
+    """The gateway rejected a request; ``grpc_code_name`` is the status it returned."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         self.grpc_code_name = "INVALID_ARGUMENT" if code is grpc.StatusCode.OUT_OF_RANGE else code.name

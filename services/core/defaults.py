@@ -6,7 +6,7 @@ environment and falls back to these constants; docs and the README refer here.
 
 from pathlib import Path
 
-# Root of the checkout (or of the install prefix), which holds conf/ and .venv/.
+# Root of the checkout (or of the install prefix), which contains conf/ and .venv/.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_HOME = PROJECT_ROOT / "var"
@@ -140,7 +140,7 @@ DEFAULT_UPDATES_FREE_SPACE_MARGIN_BYTES = 256 * 1024 * 1024
 a release is stored; a release that would leave less is rejected."""
 
 UPDATES_QUEUE = "updates"
-"""Name of the RQ queue that holds update jobs; `rq info` shows it under this name."""
+"""Name of the RQ queue of update jobs; `rq info` shows it under this name."""
 
 EMBEDDED_DATABASE_NAME = "agentmgr"
 """Database and role name inside the private PostgreSQL cluster."""

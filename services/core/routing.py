@@ -2,7 +2,7 @@
 
 The CLI and the updater's jobs use this; the gateway's own asyncio code does
 the same with redis.asyncio. Key and channel names live in
-``services.grpc_gateway.keys``.
+``services.core.keys``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from services.grpc_gateway.keys import LAST_SEEN_KEY, REVOCATIONS_CHANNEL, gateway_channel, session_key
+from services.core.keys import LAST_SEEN_KEY, REVOCATIONS_CHANNEL, gateway_channel, session_key
 
 
 def is_connected(client: redis.Redis, agent_id: uuid.UUID) -> bool:

@@ -18,7 +18,7 @@ from services.core.credentials import hash_secret, secret_matches
 from services.core.errors import PermissionDenied, RequestError, Unauthenticated
 from services.core.fleet import agents, apitokens
 from services.core.fleet.models import ApiRole, ApiToken
-from services.grpc_gateway.keys import register_failures_key
+from services.core.keys import register_failures_key
 from services.grpc_gateway.runtime import GatewayRuntime
 
 logger = logging.getLogger("agentmgr.grpc_gateway.auth")

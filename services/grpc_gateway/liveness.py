@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterable
 
 from services.core.fleet import agents
-from services.grpc_gateway.keys import LAST_SEEN_KEY
+from services.core.keys import LAST_SEEN_KEY
 from services.grpc_gateway.runtime import GatewayRuntime
 
 logger = logging.getLogger("agentmgr.grpc_gateway.liveness")

@@ -24,7 +24,7 @@ from services.core.fleet.models import UNSTARTED_STATES, Command, utc_now
 from services.core.logs import bind_context
 from services.grpc_gateway import convert
 from services.grpc_gateway.auth import Authenticator
-from services.grpc_gateway.keys import COMMAND_FINISHED_CHANNEL, REVOCATIONS_CHANNEL, gateway_channel, session_key
+from services.core.keys import COMMAND_FINISHED_CHANNEL, REVOCATIONS_CHANNEL, gateway_channel, session_key
 from services.grpc_gateway.runtime import GatewayRuntime
 from services.grpc_gateway.sessions import REVOKED_DETAILS, SUPERSEDED_DETAILS, AgentSession, SessionRegistry
 

@@ -121,7 +121,7 @@ def _wrap(
 
 
 def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """Return the status a handler aborted with (UNKNOWN if the context does not say)."""
+    """Return the status a handler aborted with, or UNKNOWN when the context does not report it."""
     code = context.code() if hasattr(context, "code") else None
     if isinstance(code, grpc.StatusCode):
         return code

@@ -8,7 +8,7 @@ notified only when they move from ``pending`` to ``notified``, which happens
 once per agent and rollout.
 
 Waves are cumulative percentages of the selected agents: with ``5,25,100``
-the first wave holds the first 5 %, the second the next 20 %, the third the
+the first wave contains the first 5 %, the second the next 20 %, the third the
 rest. Agents are ordered by id, so the split is stable across calls.
 """
 
