@@ -18,6 +18,7 @@ from services.core.logs import bind_context
 from services.core.settings import Settings
 from services.grpc_gateway import convert
 from services.grpc_gateway.auth import AgentCaller, Authenticator, RegisterRateLimiter, peer_host
+from services.grpc_gateway.heartbeats import HeartbeatBatcher
 from services.grpc_gateway.liveness import Liveness
 from services.grpc_gateway.routing import Router
 from services.grpc_gateway.rpc import UNAVAILABLE_ERRORS, agent_rpc, enrollment_rpc
@@ -100,12 +101,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         authenticator: Authenticator,
         router: Router,
         liveness: Liveness,
+        heartbeats: HeartbeatBatcher,
     ) -> None:
         self.runtime = runtime
         self.authenticator = authenticator
         self.router = router
         self.sessions = router.sessions
         self.liveness = liveness
+        self.heartbeats = heartbeats
         self.rate_limiter = RegisterRateLimiter(runtime)
         self.release_store = releases.store_from_settings(runtime.settings)
         self.downloads = asyncio.Semaphore(runtime.settings.gateway_max_downloads)
@@ -258,8 +261,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         agent_id = session.agent_id
         if kind == "heartbeat":
             metrics.HEARTBEATS.inc()
-            await self.liveness.record(agent_id)
-            await self.router.refresh_session(session)
+            self.heartbeats.beat(session)
         elif kind == "command_ack":
             command_id = parse_command_id(message.command_ack.command_id)
             with bind_context(command_id=str(command_id)):

@@ -13,6 +13,7 @@ from services.core.settings import Settings
 from services.core.tls import TLSMaterial
 from services.grpc_gateway.agent_service import AgentServicer
 from services.grpc_gateway.auth import Authenticator
+from services.grpc_gateway.heartbeats import HeartbeatBatcher
 from services.grpc_gateway.liveness import Liveness
 from services.grpc_gateway.panel_service import PanelServicer
 from services.grpc_gateway.routing import CommandWaiters, Router
@@ -47,7 +48,10 @@ def build_gateway(settings: Settings, tls: TLSMaterial, runtime: GatewayRuntime)
     waiters = CommandWaiters()
     router = Router(runtime, sessions, authenticator, waiters)
     liveness = Liveness(runtime)
-    agent_servicer = AgentServicer(runtime, authenticator=authenticator, router=router, liveness=liveness)
+    heartbeats = HeartbeatBatcher(runtime, router)
+    agent_servicer = AgentServicer(
+        runtime, authenticator=authenticator, router=router, liveness=liveness, heartbeats=heartbeats
+    )
     panel_servicer = PanelServicer(
         runtime,
         authenticator=authenticator,
@@ -69,7 +73,7 @@ def build_gateway(settings: Settings, tls: TLSMaterial, runtime: GatewayRuntime)
         tls=tls,
         registrars=(agent_servicer.register, panel_servicer.register),
         prepare=(router.subscribe,),
-        background=(router.run, liveness.run_flusher, lambda: run_expiry(runtime)),
+        background=(router.run, heartbeats.run, liveness.run_flusher, lambda: run_expiry(runtime)),
         drain=(close_sessions, final_flush),
     )
 

@@ -1,7 +1,7 @@
-"""Agent last-seen times: one Redis write per heartbeat, batched writes to PostgreSQL.
+"""Agent last-seen times: kept in Redis, flushed to PostgreSQL in batches.
 
 Each heartbeat sets the agent's score in the sorted set ``agentmgr:last-seen``
-to the Unix time it arrived. Every gateway process flushes the entries that
+to the Unix time it was written (``heartbeats`` writes them in batches). Every gateway process flushes the entries that
 changed since its previous flush (with one interval of overlap, because
 ``record_seen`` keeps the later of two times, so writing an entry twice does
 no harm). A restarted or surviving gateway starts its first flush one offline

@@ -37,12 +37,6 @@ REVOCATION_RETRY_SECONDS = 60.0
 
 # Extend the session key while it names this gateway, or take it back once it expired
 # (returns 2), but never from another gateway. Delete it only while it names this gateway.
-_REFRESH_IF_HOLDER = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not holder then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 2 end
-return 0
-"""
 _DELETE_IF_HOLDER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -203,22 +197,32 @@ class Router:
             }
             await self.runtime.redis.publish(gateway_channel(previous.decode()), json.dumps(message))
 
-    async def refresh_session(self, session: AgentSession) -> None:
-        """Extend the session key, and take it back if heartbeats came too late to keep it.
+    def reclaimed(self, session: AgentSession) -> None:
+        """Handle a session key that expired before a heartbeat set it again (see ``heartbeats``).
 
-        Commands stored while the key was missing were not routed here, so they are sent now.
+        Commands stored while the key was missing were not routed here, so they are
+        sent now. If the session ended meanwhile, the key it no longer needs is cleared.
         """
-        result = await self.runtime.redis.eval(
-            _REFRESH_IF_HOLDER, 1, session_key(session.agent_id), self.runtime.instance_id, self.session_ttl_seconds
-        )
-        if result == 2:
-            logger.info("reclaimed: session key of agent %s after it expired", session.agent_id)
-            await self.deliver_pending(session)
+        if self.sessions.get(session.agent_id) is not session:
+            self._spawn(self._clear_key(session), agent_id=str(session.agent_id))
+            return
+        logger.info("reclaimed: session key of agent %s after it expired", session.agent_id)
+        self._spawn(self._resync(session), agent_id=str(session.agent_id))
+
+    async def _clear_key(self, session: AgentSession) -> None:
+        try:
+            await self._delete_key(session)
+        except redis.exceptions.RedisError as error:
+            logger.warning("failed: clearing the session key of agent %s (%s; it expires by itself)",
+                           session.agent_id, error, extra={"error_type": type(error).__name__})
 
     async def release_session(self, session: AgentSession) -> None:
         """Forget the session, and clear the key unless a newer session of the agent took over."""
         if self.sessions.remove(session):
-            await self.runtime.redis.eval(_DELETE_IF_HOLDER, 1, session_key(session.agent_id), self.runtime.instance_id)
+            await self._delete_key(session)
+
+    async def _delete_key(self, session: AgentSession) -> None:
+        await self.runtime.redis.eval(_DELETE_IF_HOLDER, 1, session_key(session.agent_id), self.runtime.instance_id)
 
     # Delivery to local sessions.
 
