@@ -2,13 +2,13 @@
 
 ``Gateway.serve()`` runs ``startup()``, ``main_loop()`` and ``shutdown()``.
 Signal handlers only set flags: the first SIGTERM or SIGINT starts a graceful
-drain (health NOT_SERVING, then ``server.stop(grace)``), a second one cancels
-the RPCs still running.
+drain (health NOT_SERVING, ``server.stop(grace)`` refusing new calls, then the
+drain hooks), a second one cancels the RPCs still running.
 
 Callers extend the lifecycle with three kinds of hooks. ``prepare`` hooks run
 before the server starts. ``background`` tasks start with the server and are
-cancelled after it stops. ``drain`` hooks run before ``server.stop``, for
-example to close long-lived streams so that their peers reconnect elsewhere.
+cancelled after it stops. ``drain`` hooks run once the server refuses new calls,
+for example to close long-lived streams so that their peers reconnect elsewhere.
 """
 
 from __future__ import annotations
@@ -154,6 +154,13 @@ class Gateway:
         # Tell load balancers and health checkers to stop sending new calls.
         await self.health.enter_graceful_shutdown()
 
+        # Refuse new calls first: peers whose streams the drain ends reconnect at once, and
+        # if this server still took their calls, the stop would wait out the whole grace period.
+        grace = self.settings.grpc_shutdown_grace_seconds
+        logger.info("stopping: gateway (grace %.1fs)", grace, extra={"grace_seconds": grace})
+        stopping = asyncio.ensure_future(server.stop(grace))
+        await asyncio.sleep(0)
+
         # End long-lived streams, so their peers reconnect elsewhere instead of waiting.
         for hook in self.drain:
             try:
@@ -161,10 +168,7 @@ class Gateway:
             except Exception:  # noqa: BLE001 - shutdown goes on, and the log has the cause
                 logger.exception("failed: drain step %s", getattr(hook, "__qualname__", hook))
 
-        # Give in-flight calls the grace period; a second signal cuts it short.
-        grace = self.settings.grpc_shutdown_grace_seconds
-        logger.info("stopping: gateway (grace %.1fs)", grace, extra={"grace_seconds": grace})
-        stopping = asyncio.ensure_future(server.stop(grace))
+        # In-flight calls have the grace period; a second signal cuts it short.
         forced = asyncio.ensure_future(self.force_exit.wait())
         await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
