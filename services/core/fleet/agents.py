@@ -358,11 +358,15 @@ def record_seen(conn: psycopg2.extensions.connection, seen: Mapping[uuid.UUID, d
     agent_ids = list(seen)
     times = [as_utc(seen[agent_id]) for agent_id in agent_ids]
     with conn.cursor() as cursor:
+        # Rows are locked in id order first: every gateway flushes overlapping sets of agents,
+        # and two UPDATEs that lock the same rows in different orders deadlock.
         cursor.execute(
+            "WITH seen AS (SELECT * FROM unnest(%s::uuid[], %s::timestamptz[]) AS seen (agent_id, at)), "
+            "locked AS (SELECT agents.id FROM agents JOIN seen ON agents.id = seen.agent_id "
+            "WHERE agents.revoked_at IS NULL ORDER BY agents.id FOR NO KEY UPDATE OF agents) "
             "UPDATE agents SET last_seen_at = GREATEST(agents.last_seen_at, seen.at), "
             "first_connected_at = COALESCE(agents.first_connected_at, seen.at) "
-            "FROM unnest(%s::uuid[], %s::timestamptz[]) AS seen (agent_id, at) "
-            "WHERE agents.id = seen.agent_id AND agents.revoked_at IS NULL",
+            "FROM seen, locked WHERE agents.id = locked.id AND seen.agent_id = locked.id",
             (agent_ids, times),
         )
         return cursor.rowcount
