@@ -8,6 +8,7 @@ memory and CPU time apart from the simulated agents.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import resource
 import shutil
@@ -27,8 +28,12 @@ from services.migrate.main import migrate
 from tests.gateway_client import GatewayProcess
 from tests.support import PROJECT_ROOT, PostgresCluster, RedisServer, free_port, make_shared_dir
 
+logger = logging.getLogger("bench.stack")
+
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+GATEWAY_STOP_SECONDS = 60.0
+"""Time a gateway gets to stop after SIGTERM before it is killed (its own grace period is 30 s)."""
 
 
 def raise_open_files_limit() -> None:
@@ -144,8 +149,17 @@ class BenchStack:
             self.gateways.append(gateway.start())
 
     def stop_gateways(self) -> None:
-        for gateway in self.gateways:
-            gateway.stop()
+        """Send SIGTERM to every gateway at once, as ``supervisorctl stop`` does for a group, and wait."""
+        running = [gateway.process for gateway in self.gateways if gateway.process and gateway.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        for process in running:
+            try:
+                process.wait(timeout=GATEWAY_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                logger.warning("gateway %d did not stop within %gs; killing it", process.pid, GATEWAY_STOP_SECONDS)
+                process.kill()
+                process.wait()
 
     @property
     def ca_certificate(self) -> bytes:
