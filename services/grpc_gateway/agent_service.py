@@ -179,10 +179,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         with bind_context(session_id=session.session_id):
             reader: asyncio.Task[None] | None = None
             try:
-                if hello.HasField("facts"):
-                    # A new version reports here after a self-update, which rollouts check.
-                    facts = convert.host_facts_from_proto(hello.facts)
-                    await self.runtime.db(agents.update_reported_facts, caller.agent_id, facts)
                 await self.router.claim_session(session)
                 logger.info(
                     "connected: agent %s (version %s)", caller.agent_id, hello.agent_version,
@@ -190,7 +186,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 )
                 await self.liveness.record(caller.agent_id)
                 await context.write(agent_pb2.ServerMessage(settings=self.session_settings()))
-                await self.router.deliver_pending(session)
+                # A new version reports its facts here after a self-update, which rollouts check.
+                facts = convert.host_facts_from_proto(hello.facts) if hello.HasField("facts") else None
+                await self.router.deliver_pending(session, facts=facts)
                 reader = asyncio.create_task(self.read_messages(session, context))
                 await self.write_messages(session, context)
             finally:

@@ -20,7 +20,9 @@ import redis.exceptions
 
 from agentmanager.v1 import agent_pb2
 from services.core.fleet import agents, commands, rollouts
+from services.core.fleet.agents import HostFacts
 from services.core.fleet.models import UNSTARTED_STATES, Command, utc_now
+from services.core.fleet.rollouts import UpdateNotice
 from services.core.logs import bind_context
 from services.grpc_gateway import convert
 from services.grpc_gateway.auth import Authenticator
@@ -35,8 +37,7 @@ RECONNECT_DELAY_MAX_SECONDS = 5.0
 REVOCATION_RETRY_SECONDS = 60.0
 """How long a gateway retries publishing a revocation while Redis fails."""
 
-# Extend the session key while it names this gateway, or take it back once it expired
-# (returns 2), but never from another gateway. Delete it only while it names this gateway.
+# Delete the session key only while it names this gateway.
 _DELETE_IF_HOLDER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -72,6 +73,19 @@ def take_pending(connection: Any, agent_id: uuid.UUID) -> list[Command]:
     for command in pending:
         commands.mark_sent(connection, command.id, agent_id)
     return pending
+
+
+def take_deliverables(
+    connection: Any, agent_id: uuid.UUID, facts: HostFacts | None = None
+) -> tuple[list[UpdateNotice], list[Command]]:
+    """Return the agent's in-flight update notices and its pending commands (marked sent) in one transaction.
+
+    A new session's Hello ``facts``, when given, are stored first, so that one
+    transaction does all of the database work of opening a session.
+    """
+    if facts is not None:
+        agents.update_reported_facts(connection, agent_id, facts)
+    return rollouts.in_flight_notices(connection, agent_id), take_pending(connection, agent_id)
 
 
 def take_one(connection: Any, command_id: uuid.UUID, agent_id: uuid.UUID) -> Command | None:
@@ -226,13 +240,14 @@ class Router:
 
     # Delivery to local sessions.
 
-    async def deliver_pending(self, session: AgentSession) -> int:
+    async def deliver_pending(self, session: AgentSession, *, facts: HostFacts | None = None) -> int:
         """Send every queued or sent, unexpired command and every in-flight update notice of the agent.
 
-        Returns how many commands were sent.
+        A new session passes the ``facts`` from its Hello, which are stored in the
+        same transaction. Returns how many commands were sent.
         """
-        await self.deliver_update_notices(session)
-        pending = await self.runtime.db(take_pending, session.agent_id)
+        notices, pending = await self.runtime.db(take_deliverables, session.agent_id, facts)
+        self._send_notices(session, notices)
         sent = 0
         for command in pending:
             if command.id not in session.delivered_command_ids:
@@ -255,13 +270,14 @@ class Router:
         session.send(convert.command_request(command))
         logger.info("sent: command %s", command_id)
 
-    async def deliver_update_notices(self, session: AgentSession, rollout_id: uuid.UUID | None = None) -> int:
-        """Send the agent's in-flight update notices (of one rollout, if given) not yet sent on this stream."""
+    async def deliver_update_notices(self, session: AgentSession, rollout_id: uuid.UUID) -> int:
+        """Send the agent's in-flight update notice of ``rollout_id`` unless this stream had it."""
         notices = await self.runtime.db(rollouts.in_flight_notices, session.agent_id)
+        return self._send_notices(session, [notice for notice in notices if notice.rollout_id == rollout_id])
+
+    def _send_notices(self, session: AgentSession, notices: list[UpdateNotice]) -> int:
         sent = 0
         for notice in notices:
-            if rollout_id is not None and notice.rollout_id != rollout_id:
-                continue
             if notice.rollout_id in session.delivered_rollout_ids:
                 continue
             session.delivered_rollout_ids.add(notice.rollout_id)
@@ -272,8 +288,6 @@ class Router:
                 extra={"rollout_id": str(notice.rollout_id), "release_id": str(notice.release.id)},
             )
         return sent
-
-    # Receiving.
 
     async def subscribe(self) -> None:
         """Subscribe to this gateway's channel, revocations and finished commands."""

@@ -466,13 +466,17 @@ def update_reported_facts(conn: psycopg2.extensions.connection, agent_id: uuid.U
         InvalidArgument: a fact is invalid; ``field`` names it.
     """
     checked = validate_host_facts(facts)
+    reported = (checked.hostname, checked.os_name, checked.os_version, checked.architecture,
+                checked.agent_version, list(checked.addresses))
     with conn.cursor() as cursor:
+        # Unchanged facts, the usual case on a reconnect, write no new row version.
         cursor.execute(
             """
-            UPDATE agents SET hostname = %s, os_name = %s, os_version = %s, architecture = %s,
-                              agent_version = %s, addresses = %s
+            UPDATE agents SET (hostname, os_name, os_version, architecture, agent_version, addresses)
+                            = (%s, %s, %s, %s, %s, %s::text[])
             WHERE id = %s AND revoked_at IS NULL
+              AND (hostname, os_name, os_version, architecture, agent_version, addresses)
+                  IS DISTINCT FROM (%s, %s, %s, %s, %s, %s::text[])
             """,
-            (checked.hostname, checked.os_name, checked.os_version, checked.architecture,
-             checked.agent_version, list(checked.addresses), agent_id),
+            (*reported, agent_id, *reported),
         )
