@@ -12,7 +12,6 @@ import contextlib
 import contextvars
 import logging
 import sys
-from collections.abc import Iterator
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
@@ -65,14 +64,26 @@ def configure_logging(service: str, level: str = "INFO", stream: TextIO | None =
     logging.captureWarnings(True)
 
 
-@contextlib.contextmanager
-def bind_context(**ids: Any) -> Iterator[None]:
-    """Attach ``ids`` (agent_id, command_id, job_id, …) to every record logged inside."""
-    token = _context.set({**_context.get(), **ids})
-    try:
-        yield
-    finally:
-        _context.reset(token)
+class bind_context:  # noqa: N801 - used like the function-style context managers it replaced
+    """Attach ``ids`` (agent_id, command_id, job_id, …) to every record logged inside the ``with`` block.
+
+    A class rather than ``contextlib.contextmanager``: a gateway keeps three of
+    these open per agent session, and a suspended generator costs more memory.
+    """
+
+    __slots__ = ("_ids", "_token")
+
+    def __init__(self, **ids: Any) -> None:
+        self._ids = ids
+        self._token: contextvars.Token[dict[str, Any]] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _context.set({**_context.get(), **self._ids})
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _context.reset(self._token)
+            self._token = None
 
 
 def redact_url(url: str) -> str:
