@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import multiprocessing
+import multiprocessing.synchronize
 import sys
 import time
 import urllib.request
@@ -21,6 +22,7 @@ import grpc
 
 from agentmanager.v1 import agent_pb2, agent_pb2_grpc
 from bench.simulator import INITIAL_VERSION, Credentials, channel_options, host_facts
+from bench.stack import sample_process
 
 ECHO_METHOD = "/bench.Echo/Echo"
 WARM_UP_SECONDS = 2.0
@@ -178,3 +180,66 @@ def measure_gateway(metrics_addresses: list[str], plans: list[LoadPlan]) -> floa
 
 if __name__ == "__main__":
     run_echo_server(*sys.argv[1:4])
+
+
+# Memory baseline: idle streams on the bare echo server.
+
+
+def hold_streams(address: str, ca_certificate: bytes, count: int, ready: multiprocessing.Queue,
+                 release: multiprocessing.synchronize.Event) -> None:
+    """Open ``count`` echo streams, each on its own TLS connection, and keep them idle until ``release`` is set.
+
+    The streams open one after another: a burst of thousands of handshakes leaves
+    the server with more memory per connection, by an amount that varies from run
+    to run, and the baseline is meant to be the stable floor. Each stream writes
+    one Heartbeat and reads its echo, so it is fully set up on the server. Puts
+    the number of streams open on ``ready`` (child process entry point).
+    """
+
+    async def run() -> None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca_certificate)
+        heartbeat = agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat())
+        channels, calls = [], []
+        for _ in range(count):
+            channel = grpc.aio.secure_channel(address, credentials, options=channel_options())
+            call = channel.stream_stream(
+                ECHO_METHOD, request_serializer=agent_pb2.AgentMessage.SerializeToString,
+                response_deserializer=agent_pb2.AgentMessage.FromString)(wait_for_ready=True)
+            await call.write(heartbeat)
+            await call.read()
+            channels.append(channel)
+            calls.append(call)
+        ready.put(len(calls))
+        while not release.is_set():
+            await asyncio.sleep(0.5)
+        for channel in channels:
+            await channel.close()
+
+    asyncio.run(run())
+
+
+def echo_memory_per_stream(address: str, ca_certificate: bytes, tls_dir: Path, *, streams: int, clients: int) -> float:
+    """Return the bare echo server's RSS growth per idle TLS stream, in bytes, with ``streams`` open."""
+    context = multiprocessing.get_context("spawn")
+    server = context.Process(
+        target=run_echo_server, args=(address, str(tls_dir / "server.key"), str(tls_dir / "server.pem")), daemon=True)
+    server.start()
+    ready, release = context.Queue(), context.Event()
+    holders: list[multiprocessing.process.BaseProcess] = []
+    try:
+        time.sleep(1.0)
+        idle = sample_process(server.pid).rss_bytes
+        share = streams // clients
+        holders = [context.Process(target=hold_streams, args=(address, ca_certificate, share, ready, release), daemon=True)
+                   for _ in range(clients)]
+        for holder in holders:
+            holder.start()
+        opened = sum(ready.get(timeout=300) for _ in holders)
+        time.sleep(2.0)
+        return (sample_process(server.pid).rss_bytes - idle) / opened
+    finally:
+        release.set()
+        for holder in holders:
+            holder.join(timeout=30)
+        server.kill()
+        server.join()

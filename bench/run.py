@@ -47,18 +47,20 @@ class BenchmarkSet:
     rollout_parallel: int
     boot_runs: int
     """Runs per case of bench.boot; 0 skips it."""
+    baseline_streams: int
+    """Idle streams on the bare echo server that the capacity figures are compared with."""
 
 
 SETS = {
     "standard": BenchmarkSet(
         gateways=2, capacity_steps=(1000, 5000, 10_000), round_trip_at=(1000, 10_000), round_trips=300,
         fan_out_at=(1000, 10_000), capacity_window_seconds=20, ingest_streams=40, ingest_clients=2, ingest_seconds=12,
-        rollout_agents=1000, rollout_bytes=5 * MIB, rollout_parallel=200, boot_runs=3,
+        rollout_agents=1000, rollout_bytes=5 * MIB, rollout_parallel=200, boot_runs=3, baseline_streams=3000,
     ),
     "quick": BenchmarkSet(
         gateways=1, capacity_steps=(500,), round_trip_at=(500,), round_trips=100, fan_out_at=(500,),
         capacity_window_seconds=5, ingest_streams=20, ingest_clients=1, ingest_seconds=6,
-        rollout_agents=100, rollout_bytes=5 * MIB, rollout_parallel=100, boot_runs=0,
+        rollout_agents=100, rollout_bytes=5 * MIB, rollout_parallel=100, boot_runs=0, baseline_streams=500,
     ),
 }
 
@@ -94,6 +96,8 @@ def run_set(plan: BenchmarkSet, command: str, write: Path | None, only: frozense
         if needs_fleet:
             load_before = load_line()
             scenarios.measure_idle(context, window_seconds=3)
+            if "capacity" in only:
+                scenarios.measure_stream_baseline(context, plan.baseline_streams)
             steps, trips, fan_outs = [], [], []
             for agents in plan.capacity_steps:
                 steps.append(scenarios.grow_fleet(context, agents, plan.capacity_window_seconds))

@@ -33,7 +33,7 @@ logger = logging.getLogger("bench.stack")
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 GATEWAY_STOP_SECONDS = 60.0
-"""Time a gateway gets to stop after SIGTERM before it is killed (its own grace period is 30 s)."""
+"""Time a gateway gets to stop after SIGTERM before it is killed; its own grace period is 10 s by default."""
 
 
 def raise_open_files_limit() -> None:
@@ -149,7 +149,7 @@ class BenchStack:
             self.gateways.append(gateway.start())
 
     def stop_gateways(self) -> None:
-        """Send SIGTERM to every gateway at once, as ``supervisorctl stop`` does for a group, and wait."""
+        """Send SIGTERM to every gateway at once, then wait for each to exit."""
         running = [gateway.process for gateway in self.gateways if gateway.process and gateway.process.poll() is None]
         for process in running:
             process.send_signal(signal.SIGTERM)
