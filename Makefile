@@ -24,7 +24,7 @@ install:
 
 .PHONY: bench bench-quick
 
-## bench: run every benchmark (up to 10,000 simulated agents, about 15 minutes) and update docs/benchmarks.md
+## bench: run every benchmark (up to 10,000 simulated agents, about 7 minutes) and update docs/benchmarks.md
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run --set standard --write docs/benchmarks.md
 
