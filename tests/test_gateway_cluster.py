@@ -181,6 +181,27 @@ def test_gateway_shutdown_ends_sessions(stack) -> None:
     assert "stopped: gateway" in messages
 
 
+def test_stopping_gateway_refuses_new_sessions(stack) -> None:
+    leaving = stack.start_gateway()
+    agent = Agent.register(leaving.channel(), stack.enrollment_token())
+    session = agent.open_session()
+    session.wait_settings()
+
+    leaving.process.send_signal(signal.SIGTERM)
+    ended = session.wait_ended()
+    # The agent reconnects at once, as real agents do; the stopping gateway must not take it.
+    retry = agent.open_session()
+    retried = retry.wait_ended(timeout=30)
+    exit_status = leaving.process.wait(timeout=60)
+
+    assert ended is not None
+    assert ended.code() == grpc.StatusCode.UNAVAILABLE
+    assert retried is not None
+    assert retried.code() == grpc.StatusCode.UNAVAILABLE
+    assert retry.settings is None
+    assert exit_status == 0
+
+
 AGENT_SCRIPT = """
 import sys, time
 from tests.gateway_client import Agent, secure_channel
