@@ -327,6 +327,29 @@ def test_record_seen_keeps_latest(database):
     assert seen.first_connected_at == late
 
 
+def row_version(database, agent_id: uuid.UUID) -> str:
+    with database.transaction() as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT xmin::text FROM agents WHERE id = %s", (agent_id,))
+        return cursor.fetchone()[0]
+
+
+def test_reported_facts_written_only_when_changed(database):
+    agent, _ = register(database, new_token(database))
+    enrolled = row_version(database, agent.id)
+
+    with database.transaction() as conn:
+        agents.update_reported_facts(conn, agent.id, FACTS)
+    unchanged = row_version(database, agent.id)
+    with database.transaction() as conn:
+        agents.update_reported_facts(conn, agent.id, dataclasses.replace(FACTS, agent_version="1.5.0", addresses=()))
+        stored = agents.get_agent(conn, agent.id)
+
+    assert unchanged == enrolled
+    assert row_version(database, agent.id) != enrolled
+    assert stored.agent_version == "1.5.0"
+    assert tuple(stored.addresses) == ()
+
+
 def test_derive_status():
     base = agents.Agent(
         id=uuid.uuid4(), machine_id="m" * 8, hostname="h", os_name="", os_version="", architecture="",
