@@ -289,6 +289,8 @@ class Router:
             )
         return sent
 
+    # Receiving.
+
     async def subscribe(self) -> None:
         """Subscribe to this gateway's channel, revocations and finished commands."""
         self.pubsub = self.runtime.redis.pubsub(ignore_subscribe_messages=True)
