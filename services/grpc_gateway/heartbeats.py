@@ -82,7 +82,10 @@ class HeartbeatBatcher:
                 await asyncio.wait_for(self._full.wait(), BATCH_SECONDS)
             except asyncio.TimeoutError:
                 pass
-            await self.write()
+            try:
+                await self.write()
+            except Exception:  # noqa: BLE001 - the loop must outlive one bad batch
+                logger.exception("failed: writing a heartbeat batch (unexpected error; the next batch is tried)")
 
     async def write(self) -> int:
         """Write every pending heartbeat now and return how many sessions it covered."""
@@ -103,8 +106,8 @@ class HeartbeatBatcher:
         try:
             replies = await self._script(keys=keys, args=args)
         except redis.exceptions.RedisError as error:
-            # The previous per-message write ended the session on a Redis error, and so does this:
-            # without its key, commands for the agent cannot be routed here.
+            # Without its key, commands for the agent cannot be routed here, so the
+            # session ends and the agent reconnects once Redis is back.
             logger.warning(
                 "failed: recording %d heartbeat(s) (%s; closing those sessions)", len(sessions), error,
                 extra={"agents": len(sessions), "error_type": type(error).__name__},
