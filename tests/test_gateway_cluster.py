@@ -13,6 +13,7 @@ import pytest
 
 from agentmanager.v1 import common_pb2, panel_pb2
 from services.core.fleet import agents as fleet_agents
+from services.core.keys import LAST_SEEN_KEY, session_key
 from tests.gateway_client import Agent, GatewayProcess, GatewayStack, bearer, panel_stub, seconds
 from tests.support import PROJECT_ROOT, wait_until
 
@@ -179,6 +180,8 @@ def test_gateway_shutdown_ends_sessions(stack) -> None:
     messages = [record["message"] for record in leaving.log_records()]
     assert "closing: 1 agent session(s)" in messages
     assert "stopped: gateway" in messages
+    assert stack.redis.exists(session_key(uuid.UUID(agent.agent_id))) == 0
+    assert stack.redis.zscore(LAST_SEEN_KEY, agent.agent_id) is not None
 
 
 def test_stopping_gateway_refuses_new_sessions(stack) -> None:
