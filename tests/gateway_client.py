@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -350,3 +351,26 @@ TEST_SETTINGS = {
     "AGENTMGR_UPDATER_METRICS_ADDRESS": "",
 }
 """Short intervals so that liveness and routing tests finish in seconds."""
+
+
+# Module-scoped fixtures: test modules import the ones they use, so each module gets its own stack.
+
+
+@pytest.fixture(scope="module")
+def stack(postgres: Any, redis_server: Any, test_root: Path) -> Iterator[GatewayStack]:
+    """A migrated database and a Redis database for one test module; gateways start on request."""
+    stack = GatewayStack(postgres, redis_server, test_root)
+    yield stack
+    stack.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(stack: GatewayStack) -> GatewayProcess:
+    return stack.start_gateway()
+
+
+@pytest.fixture(scope="module")
+def channel(gateway: GatewayProcess) -> Iterator[grpc.Channel]:
+    channel = gateway.channel()
+    yield channel
+    channel.close()

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -15,14 +14,8 @@ from agentmanager.v1 import common_pb2, panel_pb2
 from services.core.fleet import agents as fleet_agents
 from services.core.keys import LAST_SEEN_KEY, session_key
 from tests.gateway_client import Agent, GatewayProcess, GatewayStack, bearer, panel_stub, seconds
+from tests.gateway_client import stack  # noqa: F401 - fixture
 from tests.support import PROJECT_ROOT, wait_until
-
-
-@pytest.fixture(scope="module")
-def stack(postgres, redis_server, test_root) -> Iterator[GatewayStack]:
-    stack = GatewayStack(postgres, redis_server, test_root)
-    yield stack
-    stack.close()
 
 
 @pytest.fixture(scope="module")

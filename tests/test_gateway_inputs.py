@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -23,7 +22,6 @@ from services.core.fleet.models import utc_now
 from tests.gateway_client import (
     CALL_TIMEOUT_SECONDS,
     Agent,
-    GatewayProcess,
     GatewayStack,
     agent_metadata,
     bearer,
@@ -32,25 +30,7 @@ from tests.gateway_client import (
     panel_stub,
     seconds,
 )
-
-
-@pytest.fixture(scope="module")
-def stack(postgres, redis_server, test_root) -> Iterator[GatewayStack]:
-    stack = GatewayStack(postgres, redis_server, test_root)
-    yield stack
-    stack.close()
-
-
-@pytest.fixture(scope="module")
-def gateway(stack: GatewayStack) -> GatewayProcess:
-    return stack.start_gateway()
-
-
-@pytest.fixture(scope="module")
-def channel(gateway: GatewayProcess) -> Iterator[grpc.Channel]:
-    channel = gateway.channel()
-    yield channel
-    channel.close()
+from tests.gateway_client import channel, gateway, stack  # noqa: F401 - fixtures
 
 
 @pytest.fixture(autouse=True)

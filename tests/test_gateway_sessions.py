@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -14,34 +13,14 @@ from agentmanager.v1 import agent_pb2, agent_pb2_grpc, common_pb2, panel_pb2
 from services.core.fleet import agents as fleet_agents
 from tests.gateway_client import (
     Agent,
-    GatewayProcess,
-    GatewayStack,
     bearer,
     host_facts,
     panel_stub,
     seconds,
     secure_channel,
 )
+from tests.gateway_client import channel, gateway, stack  # noqa: F401 - fixtures
 from tests.support import wait_until
-
-
-@pytest.fixture(scope="module")
-def stack(postgres, redis_server, test_root) -> Iterator[GatewayStack]:
-    stack = GatewayStack(postgres, redis_server, test_root)
-    yield stack
-    stack.close()
-
-
-@pytest.fixture(scope="module")
-def gateway(stack: GatewayStack) -> GatewayProcess:
-    return stack.start_gateway()
-
-
-@pytest.fixture(scope="module")
-def channel(gateway: GatewayProcess) -> Iterator[grpc.Channel]:
-    channel = gateway.channel()
-    yield channel
-    channel.close()
 
 
 @pytest.fixture(scope="module")
