@@ -28,7 +28,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support import (
-    PROJECT_ROOT,
     PostgresCluster,
     RedisServer,
     SupervisedStack,
