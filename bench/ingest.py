@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -142,13 +143,16 @@ def drive(plans: list[LoadPlan]) -> tuple[list[multiprocessing.process.BaseProce
     return processes, results
 
 
+def echo_server_process(context: Any, address: str, tls_dir: Path) -> multiprocessing.process.BaseProcess:
+    """Return an unstarted echo server process for ``address`` with the gateway's TLS files in ``tls_dir``."""
+    return context.Process(
+        target=run_echo_server, args=(address, str(tls_dir / "server.key"), str(tls_dir / "server.pem")), daemon=True)
+
+
 def measure_echo(address: str, ca_certificate: bytes, tls_dir: Path, *, servers: int, plans: list[LoadPlan]) -> float:
     """Start ``servers`` echo processes on ``address``, run ``plans`` against them and return messages per second."""
     context = multiprocessing.get_context("spawn")
-    echo_servers = [
-        context.Process(target=run_echo_server, args=(address, str(tls_dir / "server.key"), str(tls_dir / "server.pem")), daemon=True)
-        for _ in range(servers)
-    ]
+    echo_servers = [echo_server_process(context, address, tls_dir) for _ in range(servers)]
     for server in echo_servers:
         server.start()
     try:
@@ -221,8 +225,7 @@ def hold_streams(address: str, ca_certificate: bytes, count: int, ready: multipr
 def echo_memory_per_stream(address: str, ca_certificate: bytes, tls_dir: Path, *, streams: int, clients: int) -> float:
     """Return the bare echo server's RSS growth per idle TLS stream, in bytes, with ``streams`` open."""
     context = multiprocessing.get_context("spawn")
-    server = context.Process(
-        target=run_echo_server, args=(address, str(tls_dir / "server.key"), str(tls_dir / "server.pem")), daemon=True)
+    server = echo_server_process(context, address, tls_dir)
     server.start()
     ready, release = context.Queue(), context.Event()
     holders: list[multiprocessing.process.BaseProcess] = []
