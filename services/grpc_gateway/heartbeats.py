@@ -29,7 +29,7 @@ from services.grpc_gateway.sessions import AgentSession
 logger = logging.getLogger("agentmgr.grpc_gateway.heartbeats")
 
 BATCH_SECONDS = 0.2
-"""Longest time a heartbeat waits before it is written to Redis."""
+"""Maximum time a heartbeat waits before it is written to Redis."""
 BATCH_MAX_AGENTS = 1000
 """Agents per script call; a larger backlog is written in several calls at once."""
 
@@ -37,8 +37,8 @@ REDIS_DOWN_DETAILS = "the manager's Redis is unavailable; reconnect"
 
 # KEYS[1] is the last-seen set, KEYS[2..] the agents' session keys.
 # ARGV[1] is this gateway's id, ARGV[2] the key lifetime, ARGV[3] the time, ARGV[4..] the agent ids.
-# For each session key the reply holds 1 (extended), 2 (it had expired and was set again) or
-# 0 (another gateway holds it, so a newer session exists elsewhere and this one is left alone).
+# For each session key the reply contains 1 (extended), 2 (it had expired and was set again) or
+# 0 (the key names another gateway, where a newer session exists, so it is left alone).
 _RECORD_HEARTBEATS = """
 local reply = {}
 for i = 2, #KEYS do

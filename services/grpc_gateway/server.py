@@ -175,8 +175,8 @@ class Gateway:
         if not stopping.done():
             logger.warning("stopping: gateway now (second signal; cancelling in-flight calls)")
             await server.stop(0)
-        # NOTE: with 5,000 sessions a process took 8 to 10 s past the grace period to get here
-        # and stop its background tasks; which step takes that time is not known yet.
+        # NOTE: with 5,000 sessions a process took 8 to 10 s past the grace period to get here and
+        # stop its background tasks. Which step takes that time is not known yet.
         await stopping
 
         # Background tasks last, because in-flight calls may still have needed them.
